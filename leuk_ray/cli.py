@@ -1,0 +1,60 @@
+"""Shared command-line plumbing: the common flags and the one-line error handler.
+
+Every ``python -m leuk_ray.<cmd>`` builds its parser with ``common_parser`` and runs its ``main``
+through ``run_main``, which turns a ``UserError`` into one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from leuk_ray.config import Config, describe_fields, list_presets, load_config
+from leuk_ray.errors import UserError
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def common_parser(prog: str, description: str, *, data: bool = True, out: bool = True,
+                  config_keys_epilog: bool = True) -> argparse.ArgumentParser:
+    epilog = ("config keys (set with --set KEY=VALUE or in a --config YAML):\n" + describe_fields()
+              if config_keys_epilog else None)
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Formatter,
+                                epilog=epilog)
+    if data:
+        p.add_argument("--data", metavar="DIR", default=None,
+                       help="data directory (overrides data.root)")
+    p.add_argument("--config", metavar="YAML", default=None, help="config file")
+    p.add_argument("--preset", default=None, choices=list_presets() or None,
+                   help="start from a packaged recipe")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="override one config key, e.g. --set train.epochs=3 (repeatable)")
+    if out:
+        p.add_argument("--out", metavar="DIR", default=None, help="output directory")
+    p.add_argument("--smoke-test", action="store_true",
+                   help="tiny model, 64 px, few images and epochs: the whole run in minutes on a CPU")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, *, base: dict | None = None) -> Config:
+    overrides = list(args.overrides)
+    if getattr(args, "data", None):
+        overrides.insert(0, f"data.root={args.data}")
+    return load_config(args.config, overrides, preset=args.preset, smoke=args.smoke_test, base=base)
+
+
+def run_main(main: Callable[[Sequence[str] | None], int | None],
+             argv: Sequence[str] | None = None) -> None:
+    """Run a command's main; a UserError becomes one line on stderr and exit code 2."""
+    try:
+        code = main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; rerun to continue where it can resume",
+              file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,17 @@
+"""The one exception type for problems a user can cause (bad data, bad config, bad artifact).
+
+Raise it where the problem is found, with a message that names the file or key and says what to do.
+Every command line turns it into one line on stderr and exit code 2 (see ``leuk_ray.cli.run_main``).
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem the user can fix: the message is shown as one line, without a traceback."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses or gradients: the fold cannot train with this config.
+
+    Not a ``UserError``: a search turns it into a pruned trial with this message as its reason.
+    """
