@@ -1,0 +1,161 @@
+"""Ray Train: k folds trained side by side, one fold per worker, sharing their metrics every epoch.
+
+Worker i trains fold i with the plain-PyTorch engine (no DDP: each fold is its own model). Every
+epoch the workers exchange their fold metrics with ``all_gather_object`` over a gloo group (gloo
+also works beside CUDA, where NCCL cannot gather CPU objects), and every worker calls
+``ray.train.report`` once (it is a barrier), attaching ``fold_<i>.pt`` so that Ray merges one
+checkpoint directory holding every fold. A restarted worker group (``FailureConfig``) or a restored
+run finds its fold's state there and continues after the last finished epoch.
+
+A fold that stops early keeps reporting its best score until every fold is done. A fold whose loss
+turns non-finite ends the run for all folds with ``pruned_reason`` set (the search marks the trial
+pruned with that reason).
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from leuk_ray.config import Config, from_dict, to_dict
+from leuk_ray.data import PreparedData, fold_datasets
+from leuk_ray.engine import FoldRun, load_checkpoint, save_checkpoint
+from leuk_ray.errors import NonFiniteLossError
+
+SCORE = "mean_val_f1"  # mean over folds of each fold's best validation weighted F1 so far
+
+
+def fold_file(fold: int) -> str:
+    return f"fold_{fold}.pt"
+
+
+@dataclass
+class FoldOutcome:
+    """What ``run_folds`` hands back: the last metrics and the final checkpoint directory."""
+    metrics: dict[str, Any]
+    checkpoint_dir: Path | None
+
+
+def _summarise(rows: list[dict[str, Any]], total_epochs: int) -> dict[str, Any]:
+    """Rank 0's report: per-fold values plus the means the search scores on."""
+    rows = sorted(rows, key=lambda r: r["fold"])
+    k = len(rows)
+    out: dict[str, Any] = {
+        "epoch": max(r["epoch"] for r in rows),
+        "max_epochs": total_epochs,
+        "folds": k,
+        SCORE: sum(r["best_val_f1"] for r in rows) / k,
+        "mean_val_f1_last": sum(r["val_f1"] for r in rows) / k,
+        "mean_val_loss": sum(r["val_loss"] for r in rows) / k,
+        "folds_done": sum(r["done"] for r in rows),
+        "trial_finished": all(r["done"] for r in rows) and not any(r["failed"] for r in rows),
+        "pruned_reason": next((r["failed"] for r in rows if r["failed"]), ""),
+    }
+    for r in rows:
+        i = r["fold"]
+        out[f"fold_{i}_val_f1"] = r["best_val_f1"]
+        out[f"fold_{i}_val_f1_last"] = r["val_f1"]
+        out[f"fold_{i}_val_loss"] = r["val_loss"]
+        out[f"fold_{i}_epoch"] = r["epoch"]
+        out[f"fold_{i}_best_epoch"] = r["best_epoch"]
+    return out
+
+
+def fold_worker(loop_config: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs: train fold ``world_rank`` to the end."""
+    cfg: Config = from_dict(loop_config["cfg"], where="fold worker")
+    prepared: PreparedData = loop_config["prepared"]
+    ctx = ray.train.get_context()
+    fold, k = ctx.get_world_rank(), ctx.get_world_size()
+    group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+
+    def log(msg: str) -> None:
+        print(f"[fold {fold}] {msg}", flush=True)
+
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            path = Path(d) / fold_file(fold)
+            if path.exists():
+                state = load_checkpoint(path)
+                log(f"resuming after epoch {state['epoch']} from {checkpoint.path}")
+
+    train_ds, val_ds = fold_datasets(prepared, fold, cfg.data)
+    run = FoldRun(cfg, train_ds, val_ds, fold=fold, state=state, log=log)
+    last: dict[str, Any] = {"val_f1": 0.0, "val_loss": float("nan")}
+    if run.history:
+        last = run.history[-1]
+    failed = ""
+    while True:
+        if not run.done and not failed:
+            try:
+                last = run.step()
+            except NonFiniteLossError as e:
+                failed = str(e)
+                log(f"stopping: {failed}")
+        mine = {
+            "fold": fold,
+            "epoch": run.epoch,
+            "val_f1": float(last.get("val_f1", 0.0)),
+            "val_loss": float(last.get("val_loss", float("nan"))),
+            "best_val_f1": float(run.best_score if run.best_score is not None else 0.0),
+            "best_epoch": int(run.best_epoch),
+            "done": bool(run.done),
+            "failed": failed,
+        }
+        rows: list[dict[str, Any]] = [mine]
+        if k > 1:
+            rows = [None] * k  # type: ignore[list-item]
+            dist.all_gather_object(rows, mine, group=group)
+        summary = _summarise(rows, cfg.train.epochs)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(run.state_dict(), Path(tmp) / fold_file(fold))
+            ray.train.report(summary, checkpoint=Checkpoint.from_directory(tmp))
+        if summary["pruned_reason"] or summary["folds_done"] == k:
+            break
+
+
+def make_trainer(cfg: Config, prepared: PreparedData, *, storage_path: str, name: str,
+                 callbacks: list | None = None) -> TorchTrainer:
+    """A TorchTrainer with one worker per fold; checkpoints under ``storage_path/name``.
+
+    Reusing the same ``storage_path`` and ``name`` resumes from the latest checkpoint there
+    (Ray Train restores its run state from storage).
+    """
+    r = cfg.ray
+    resources: dict[str, float] = {"CPU": r.cpus_per_worker}
+    if r.gpus_per_worker > 0:
+        resources["GPU"] = r.gpus_per_worker
+    return TorchTrainer(
+        fold_worker,
+        train_loop_config={"cfg": to_dict(cfg), "prepared": prepared},
+        # gloo: the folds never all-reduce gradients, only exchange small metric dicts
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=prepared.n_folds, use_gpu=r.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            callbacks=callbacks or [],
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def run_folds(cfg: Config, prepared: PreparedData, *, storage_path: str, name: str,
+              callbacks: list | None = None) -> FoldOutcome:
+    """Train all folds to the end (used by the final job); returns the last metrics."""
+    trainer = make_trainer(cfg, prepared, storage_path=storage_path, name=name, callbacks=callbacks)
+    result = trainer.fit()
+    ckpt = result.checkpoint
+    local = Path(ckpt.path) if ckpt is not None and "://" not in ckpt.path else None
+    return FoldOutcome(metrics=dict(result.metrics or {}), checkpoint_dir=local)
+

@@ -1,0 +1,82 @@
+"""Focal loss with per-class alpha and label smoothing, computed from log-softmax.
+
+For a row with true class y, log-probabilities log p (log_softmax of the logits, in float32) and
+the smoothed target q = (1 - s) * onehot(y) + s / C:
+
+    loss_i = alpha_y * (1 - p_y) ** gamma * ( - sum_c q_c * log p_c )
+
+and the batch loss is the alpha-weighted mean  sum_i loss_i / sum_i alpha_{y_i}  (the plain mean
+when alpha is None). The focal factor uses p_y, the probability of the TRUE class, as in Lin et al.;
+smoothing only changes the cross-entropy term. With gamma = 0 and s = 0 this is exactly
+``F.cross_entropy(logits, y, weight=alpha)`` (torch's weighted mean). Everything is computed from
+log-probabilities (1 - p_y = -expm1(log p_y)), so extreme logits give finite values.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leuk_ray.errors import UserError
+
+
+class FocalLoss(nn.Module):
+    def __init__(self, alpha: torch.Tensor | None = None, gamma: float = 1.5,
+                 smoothing: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        self.gamma = float(gamma)
+        self.smoothing = float(smoothing)
+        self.register_buffer("alpha", None if alpha is None else
+                             torch.as_tensor(alpha, dtype=torch.float32).flatten())
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(logits.float(), dim=-1)                       # (B, C)
+        n_classes = logp.shape[-1]
+        logp_t = logp.gather(1, target.unsqueeze(1)).squeeze(1)             # (B,)
+        if self.smoothing > 0:
+            q = torch.full_like(logp, self.smoothing / n_classes)
+            q.scatter_(1, target.unsqueeze(1), 1.0 - self.smoothing + self.smoothing / n_classes)
+            ce = -(q * logp).sum(dim=1)
+        else:
+            ce = -logp_t
+        if self.gamma > 0:
+            one_minus_pt = (-torch.expm1(logp_t)).clamp(min=0.0)
+            ce = one_minus_pt.pow(self.gamma) * ce
+        if self.alpha is None:
+            return ce.mean()
+        w = self.alpha.to(logp.device)[target]
+        return (w * ce).sum() / w.sum()
+
+
+def class_alpha(labels: Sequence[int] | np.ndarray | torch.Tensor, spec: str,
+                n_classes: int = 2) -> torch.Tensor | None:
+    """Per-class alpha from ``train.class_weights``.
+
+    "auto": inverse class frequency of ``labels`` (labels < 0 ignored), normalised to sum to
+    n_classes (balanced classes give 1, 1); a class absent from ``labels`` counts as 1 row.
+    "none": None (no weighting). "w_hem,w_all": those numbers.
+    """
+    spec = str(spec).strip().lower()
+    if spec == "none":
+        return None
+    if spec == "auto":
+        y = np.asarray(labels, dtype=np.int64).ravel()
+        y = y[y >= 0]
+        counts = np.bincount(y, minlength=n_classes)[:n_classes].astype(np.float64)
+        inv = 1.0 / np.maximum(counts, 1.0)
+        return torch.tensor(inv / inv.sum() * n_classes, dtype=torch.float32)
+    try:
+        w = [float(x) for x in spec.split(",")]
+    except ValueError:
+        w = []
+    if len(w) != n_classes or min(w) <= 0:
+        raise UserError(f"train.class_weights = {spec!r} is not allowed: use auto, none, or "
+                        f"{n_classes} positive numbers 'w_hem,w_all'")
+    return torch.tensor(w, dtype=torch.float32)

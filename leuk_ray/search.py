@@ -1,0 +1,405 @@
+"""``python -m leuk_ray.search``: Ray Tune + Optuna over fold-parallel Ray Train runs.
+
+Each trial is a Tune function trainable that builds a ``TorchTrainer`` with one worker per fold
+(``leuk_ray.fold_trainer``) and forwards rank 0's per-epoch report (all folds' metrics) to Tune
+through ``TuneReportCallback``. The trial's score is ``mean_val_f1``: the mean over folds of each
+fold's best validation weighted F1. Optuna (TPE, seeded) proposes trials, ASHA prunes weak ones on
+the absolute epoch, and Optuna is told that ASHA-stopped trials were *pruned*, not complete.
+
+Outputs under ``<storage-path>/<name>/``: Tune's experiment, ``trials.csv`` (updated as trials
+end), ``best_config.yaml``, ``config.yaml`` (the base config), ``space.yaml``, ``folds.csv``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from leuk_ray import cluster
+from leuk_ray.cli import common_parser, config_from_args, run_main
+from leuk_ray.config import Config, config_from_yaml_with_extras, save_config, set_value
+from leuk_ray.data import PreparedData, prepare_data
+from leuk_ray.errors import UserError
+from leuk_ray.fold_trainer import SCORE, make_trainer
+from leuk_ray.search_space import SearchSpace, apply_params, load_space
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SMOKE_SPACE = "search_spaces/smoke.yaml"
+
+
+# ------------------------------------------------------------------------------------ the trial
+def trial_fn(params: dict[str, Any], *, base: Config, prepared: PreparedData, folds_path: str) -> None:
+    """One Tune trial: the base config with this trial's values, trained on all folds by Ray Train.
+
+    The inner run is named after the trial, so a trial restarted by ``--resume`` resumes its folds
+    from their last checkpoints instead of starting again.
+    """
+    cfg = apply_params(base, params)
+    trial_id = tune.get_context().get_trial_id()
+    trainer = make_trainer(cfg, prepared, storage_path=folds_path, name=trial_id,
+                           callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+# ------------------------------------------------------------------------------- Optuna, pruning
+class PruneAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna the truth about trials that did not finish.
+
+    Stock OptunaSearch records an ASHA-stopped trial as COMPLETE with its early score, so TPE
+    would learn from truncated results as if they were final. Here a trial whose last report does
+    not say ``trial_finished`` (stopped by ASHA, or by a non-finite loss) is told PRUNED; Optuna
+    then ranks it by its last intermediate value, below the finished ones. Intermediate values are
+    reported at the absolute epoch (``training_iteration`` restarts at 1 after a restore).
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        value = result.get(self.metric)
+        if value is None or not math.isfinite(value):
+            return
+        self._ot_trials[trial_id].report(float(value), int(result.get("epoch", 0)))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        if result and not error and not result.get("trial_finished", False) and \
+                trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            try:
+                self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+            finally:
+                self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result, error)
+
+
+# --------------------------------------------------------------------------- trials.csv, progress
+def trial_row(trial: Any, space_keys: list[str]) -> dict[str, Any]:
+    """One row of trials.csv from a Tune Trial."""
+    res = trial.last_result or {}
+    status = {"TERMINATED": "completed", "ERROR": "failed", "RUNNING": "running",
+              "PENDING": "pending", "PAUSED": "paused"}.get(trial.status, trial.status.lower())
+    reason = ""
+    if status == "failed":
+        err = trial.get_error()
+        reason = (str(err).strip().splitlines() or ["error"])[-1][:300] if err else "error"
+    elif status == "completed" and res.get("pruned_reason"):
+        status, reason = "pruned", str(res["pruned_reason"])
+    elif status == "completed" and not res.get("trial_finished", False):
+        status = "pruned"
+        reason = f"ASHA stopped it at epoch {res.get('epoch', '?')} (below the rung's cutoff)"
+    flat = _flatten(trial.config)
+    row: dict[str, Any] = {"trial_id": trial.trial_id, "status": status, "reason": reason}
+    row.update({k: flat.get(k) for k in space_keys})
+    row.update({
+        "mean_val_f1": res.get(SCORE),
+        "mean_val_f1_last": res.get("mean_val_f1_last"),
+        "epochs": res.get("epoch"),
+        "folds": res.get("folds"),
+    })
+    for i in range(int(res.get("folds") or 0)):
+        row[f"fold_{i}_val_f1"] = res.get(f"fold_{i}_val_f1")
+        row[f"fold_{i}_best_epoch"] = res.get(f"fold_{i}_best_epoch")
+    return row
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key.replace("/", ".")] = v
+    return out
+
+
+def write_trials_csv(trials: list, space_keys: list[str], path: Path) -> list[dict[str, Any]]:
+    rows = [trial_row(t, space_keys) for t in trials]
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+    return rows
+
+
+class SearchProgress(tune.Callback):
+    """Prints one line per trial epoch and keeps ``trials.csv`` current as trials end."""
+
+    def __init__(self, exp_dir: Path, space_keys: list[str], max_epochs: int) -> None:
+        self.exp_dir, self.space_keys, self.max_epochs = exp_dir, space_keys, max_epochs
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        folds = " ".join(f"{result.get(f'fold_{i}_val_f1', float('nan')):.3f}"
+                         for i in range(int(result.get("folds", 0))))
+        print(f"[trial {trial.trial_id}] epoch {result.get('epoch')}/{self.max_epochs} "
+              f"mean F1 {result.get(SCORE, float('nan')):.4f} (folds {folds})", flush=True)
+
+    def _end(self, trials: list, trial: Any) -> None:
+        row = trial_row(trial, self.space_keys)
+        score = row["mean_val_f1"]
+        text = f"{score:.4f}" if isinstance(score, float) else "-"
+        why = f": {row['reason']}" if row["reason"] else ""
+        print(f"[trial {trial.trial_id}] {row['status']} after {row['epochs']} epochs, mean F1 "
+              f"{text}{why}", flush=True)
+        write_trials_csv(trials, self.space_keys, self.exp_dir / "trials.csv")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trials, trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trials, trial)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        write_trials_csv(trials, self.space_keys, self.exp_dir / "trials.csv")
+
+
+# ---------------------------------------------------------------------------------- the command
+def build_parser() -> argparse.ArgumentParser:
+    p = common_parser("python -m leuk_ray.search",
+                      "Search hyperparameters with Ray Tune + Optuna; each trial trains all folds "
+                      "in parallel with Ray Train and is scored by its mean-over-folds validation "
+                      "weighted F1.", out=False)
+    p.add_argument("--space", default=None,
+                   help="search-space YAML (default: search_spaces/default.yaml; smoke.yaml with "
+                        "--smoke-test/--demo)")
+    p.add_argument("--storage-path", default=None,
+                   help="where searches are kept: a local dir, NFS, or s3://... "
+                        "(default: search.storage_path, ~/leuk_ray_results)")
+    p.add_argument("--name", default=None, help="search name (default: search-<date>-<time>)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="number of trials (default: search.num_samples; 4 with --smoke-test)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted search --name: finished trials are kept")
+    p.add_argument("--demo", action="store_true",
+                   help="generate the synthetic demo set and run a smoke-size search on it")
+    p.add_argument("--num-cpus", type=float, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _resolve_space_path(arg: str | None, cfg: Config, smoke: bool) -> Path:
+    text = arg or (SMOKE_SPACE if smoke else cfg.search.space)
+    p = Path(text).expanduser()
+    if not p.is_file() and not p.is_absolute() and (REPO_ROOT / p).is_file():
+        p = REPO_ROOT / p
+    return p
+
+
+def _demo_data(seed: int) -> str:
+    from leuk_ray.data.synth import make_synthetic
+
+    root = Path(tempfile.gettempdir()) / f"leuk_ray_demo_{seed}"
+    if not (root / "train").is_dir():
+        print(f"generating the synthetic demo set in {root} ...", flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix="leuk_ray_demo_tmp_"))
+        make_synthetic(tmp, seed=seed)
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(tmp, root)
+    return str(root)
+
+
+def _folds_table(prepared: PreparedData) -> list[dict[str, Any]]:
+    df = prepared.train
+    return [{"path": r.path, "subject": r.subject, "label": int(r.label), "fold": int(r.fold)}
+            for r in df.itertuples()]
+
+
+def _write_folds(prepared: PreparedData, path: Path) -> None:
+    rows = _folds_table(prepared)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "subject", "label", "fold"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _check_same_folds(prepared: PreparedData, path: Path) -> None:
+    if not path.exists():
+        return
+    with path.open() as f:
+        before = [(r["path"], int(r["fold"])) for r in csv.DictReader(f)]
+    now = [(r["path"], r["fold"]) for r in _folds_table(prepared)]
+    if sorted(before) != sorted(now):
+        raise UserError(f"{path}: the data or its folds changed since this search started; resume "
+                        "needs the same data (or start a new search with another --name)")
+
+
+def _setup(args: argparse.Namespace) -> tuple[Config, SearchSpace, str, str, Path, int]:
+    """Resolve config, space, storage and name; create or check the experiment directory."""
+    if args.demo:
+        args.smoke_test = True
+    if args.resume:
+        if not args.name:
+            raise UserError("--resume needs --name NAME of the search to continue")
+    cfg = config_from_args(args)
+    storage = cluster.resolve_storage(args.storage_path or cfg.search.storage_path)
+    name = args.name or cfg.search.name or time.strftime("search-%Y%m%d-%H%M%S")
+    exp_dir = Path(storage) / name  # (for URIs only used for local bookkeeping checks below)
+    if args.resume:
+        if cluster.is_uri(storage):
+            raise UserError("--resume with a URI storage path: run the search from a machine that "
+                            "mounts it, or resume with a local/NFS --storage-path")
+        if not (exp_dir / "config.yaml").is_file():
+            raise UserError(f"{exp_dir}: no search named '{name}' to resume there (no config.yaml)")
+        cfg, _ = config_from_yaml_with_extras(exp_dir / "config.yaml")
+        space = load_space(exp_dir / "space.yaml", cfg)
+        num_samples = cfg.search.num_samples
+        if args.num_samples and args.num_samples != num_samples:
+            raise UserError(f"--num-samples {args.num_samples}: this search was started with "
+                            f"{num_samples}; a resumed search keeps its number of trials")
+        return cfg, space, storage, name, exp_dir, num_samples
+    if args.demo and not cfg.data.root:
+        set_value(cfg, "data.root", _demo_data(cfg.data.seed), where="--demo")
+    if not cfg.data.root:
+        raise UserError("no data: pass --data DIR (seed layout or the Kaggle C-NMC tree), or --demo")
+    num_samples = args.num_samples or cfg.search.num_samples
+    set_value(cfg, "search.num_samples", num_samples, where="--num-samples")
+    set_value(cfg, "search.name", name, where="--name")
+    set_value(cfg, "search.storage_path", storage, where="--storage-path")
+    space_path = _resolve_space_path(args.space, cfg, args.smoke_test)
+    set_value(cfg, "search.space", str(space_path), where="--space")
+    space = load_space(space_path, cfg)
+    if not cluster.is_uri(storage) and exp_dir.exists() and any(exp_dir.iterdir()):
+        raise UserError(f"{exp_dir} already exists: pass --resume to continue that search, or "
+                        "another --name")
+    cluster.check_storage(storage)
+    if not cluster.is_uri(storage):
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, exp_dir / "config.yaml")
+        shutil.copyfile(space_path, exp_dir / "space.yaml")
+    return cfg, space, storage, name, exp_dir, num_samples
+
+
+def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    done = [r for r in rows if r["status"] == "completed" and isinstance(r["mean_val_f1"], float)]
+    return max(done, key=lambda r: r["mean_val_f1"]) if done else None
+
+
+def _trainable(cfg: Config, prepared: PreparedData, folds_path: str) -> Any:
+    fn = tune.with_parameters(trial_fn, base=cfg, prepared=prepared, folds_path=folds_path)
+    resources: dict[str, float] = {"CPU": cfg.ray.driver_cpus}
+    if cfg.ray.driver_resource:
+        resources[cfg.ray.driver_resource] = 0.01
+    return tune.with_resources(fn, resources)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg, space, storage, name, exp_dir, num_samples = _setup(args)
+    print(f"search '{name}': {num_samples} trials over {', '.join(space.keys)}", flush=True)
+    prepared = prepare_data(cfg.data)
+    for w in prepared.warnings:
+        print(f"warning: {w}", flush=True)
+    if not cluster.is_uri(storage):
+        if args.resume:
+            _check_same_folds(prepared, exp_dir / "folds.csv")
+        else:
+            _write_folds(prepared, exp_dir / "folds.csv")
+            if prepared.warnings:
+                (exp_dir / "warnings.txt").write_text("\n".join(prepared.warnings) + "\n")
+    print(f"data: {len(prepared.train)} images in {prepared.n_folds} folds "
+          f"({'grouped by subject' if prepared.grouped_by_subject else 'IMAGE-LEVEL, not grouped'})",
+          flush=True)
+
+    dashboard = cluster.connect(args.address, num_cpus=args.num_cpus)
+    cluster.check_shared_storage(storage)
+    concurrent = cluster.max_concurrent_trials(cfg, prepared.n_folds)
+    print(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, "
+          f"{ray.cluster_resources().get('GPU', 0):g} GPUs; up to {concurrent} trials at once"
+          + (f"; dashboard {dashboard}" if dashboard else ""), flush=True)
+
+    folds_path = f"{storage.rstrip('/')}/{name}/folds"
+    trainable = _trainable(cfg, prepared, folds_path)
+    progress = SearchProgress(exp_dir, space.keys, cfg.train.epochs)
+    exp_path = f"{storage.rstrip('/')}/{name}"
+    if args.resume:
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+        print(f"resuming {exp_path}", flush=True)
+    else:
+        searcher = PruneAwareOptunaSearch(
+            space=space.optuna_space(), metric=SCORE, mode="max",
+            points_to_evaluate=space.optuna_points() or None,
+            sampler=optuna.samplers.TPESampler(seed=cfg.search.seed))
+        scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs,
+                                   grace_period=min(cfg.search.grace_period, cfg.train.epochs),
+                                   reduction_factor=cfg.search.reduction_factor)
+                     if cfg.search.scheduler == "asha" else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(metric=SCORE, mode="max", search_alg=searcher,
+                                        scheduler=scheduler, num_samples=num_samples,
+                                        max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[progress],
+                                      verbose=0),
+        )
+    tuner.fit()  # a restored tuner keeps the callbacks it was created with (SearchProgress)
+
+    rows = []
+    if not cluster.is_uri(storage):
+        trials_csv = exp_dir / "trials.csv"
+        with trials_csv.open() as f:
+            rows = [_typed(r) for r in csv.DictReader(f)]
+    best = _best(rows)
+    print(f"\n{len(rows)} trials: " + ", ".join(
+        f"{sum(r['status'] == s for r in rows)} {s}" for s in ("completed", "pruned", "failed")))
+    if best is None:
+        print(f"no trial completed; see {exp_dir / 'trials.csv'}", flush=True)
+        return 1
+    best_cfg = apply_params(cfg, {k: best[k] for k in space.keys})
+    folds = [best[f"fold_{i}_val_f1"] for i in range(int(best["folds"]))]
+    save_config(best_cfg, exp_dir / "best_config.yaml", extra={
+        "cv_score": best["mean_val_f1"], "cv_fold_scores": folds, "trial_id": best["trial_id"],
+        "search": str(exp_dir)})
+    print(f"best trial {best['trial_id']}: mean F1 {best['mean_val_f1']:.4f} "
+          f"(folds {', '.join(f'{x:.4f}' for x in folds)})")
+    print("  " + ", ".join(f"{k}={best[k]:.4g}" if isinstance(best[k], float) else f"{k}={best[k]}"
+                           for k in space.keys))
+    print(f"results:     {exp_dir}")
+    print(f"trials:      {exp_dir / 'trials.csv'}")
+    print(f"best config: {exp_dir / 'best_config.yaml'}")
+    if dashboard:
+        print(f"dashboard:   {dashboard} (Jobs and Actors pages; runs as long as this Ray does)")
+    print(f"TensorBoard: tensorboard --logdir {exp_dir}")
+    print(f"next:        python -m leuk_ray.final --from {exp_dir}")
+    return 0
+
+
+def _typed(row: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if k in ("trial_id", "status", "reason"):
+            out[k] = v
+            continue
+        if v in ("", "None"):
+            out[k] = None
+            continue
+        try:
+            out[k] = int(v) if v.lstrip("-").isdigit() else float(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,39 @@
+"""Shared fixtures: the real C-NMC sample beside the checkout and small synthetic trees."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+CNMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cnmc"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _hash_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Keep the index hash cache out of the user's ~/.cache during tests."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LEUK_RAY_CACHE_DIR", str(tmp_path_factory.mktemp("leuk_ray_cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def cnmc_root() -> Path:
+    """The real 1,253-image C-NMC sample at ../shared/data/cnmc (skipped when absent)."""
+    if not (CNMC / "train").is_dir():
+        pytest.skip(f"real C-NMC sample not found at {CNMC} (expected ../shared/data/cnmc beside "
+                    "the checkout, with train/ and test/)")
+    return CNMC
+
+
+@pytest.fixture(scope="session")
+def _synth_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from leuk_ray.data.synth import make_synthetic
+    return make_synthetic(tmp_path_factory.mktemp("synth_master") / "data", n=120, size=48, seed=3)
+
+
+@pytest.fixture
+def synth_root(_synth_master: Path, tmp_path: Path) -> Path:
+    """A fresh copy of a small synthetic seed-layout tree (120 images, 48 px) that a test may edit."""
+    return Path(shutil.copytree(_synth_master, tmp_path / "synth"))

@@ -1,0 +1,444 @@
+"""Engine: training, non-finite guard, checkpoints, resume, determinism, AMP, metrics, CLI."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import f1_score
+from torch.utils.data import Dataset
+
+from leuk_ray.config import Config
+from leuk_ray.engine import (FoldRun, autocast, dihedral_views, epoch_seed, fit_fold,
+                             load_checkpoint, make_grad_scaler, make_scheduler, predict_probs,
+                             save_checkpoint, select_amp_dtype)
+from leuk_ray.errors import NonFiniteLossError, UserError
+from leuk_ray.metrics import classification_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Cells(Dataset):
+    """Synthetic uint8 cells: ALL rows bright, HEM rows dark (learnable in a few steps)."""
+
+    def __init__(self, n: int = 16, size: int = 32, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.labels = np.arange(n, dtype=np.int64) % 2
+        x = torch.randint(0, 100, (n, 3, size, size), generator=g, dtype=torch.uint8)
+        x[torch.from_numpy(self.labels == 1)] += 120
+        self.images = x
+        self.subjects = [f"S{i % 4}" for i in range(n)]
+        self.paths = [f"/data/img_{i}.bmp" for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+
+def tiny_cfg(**train) -> Config:
+    cfg = Config()
+    cfg.model.backbone = "test_efficientnet"
+    cfg.model.pretrained = False
+    cfg.data.num_workers = 0
+    cfg.data.image_size = 32
+    cfg.train.epochs = 3
+    cfg.train.batch_size = 8
+    cfg.train.lr = 3e-3
+    cfg.train.patience = 0
+    cfg.train.device = "cpu"
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def quiet(msg: str) -> None:
+    pass
+
+
+def strip_time(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------------ training
+def test_tiny_model_overfits_a_handful_of_images():
+    ds = Cells(16)
+    res = fit_fold(tiny_cfg(epochs=12), ds, ds, log=quiet)
+    losses = [r["train_loss"] for r in res.history]
+    assert losses[-1] < losses[0] / 5
+    assert res.history[0]["val_f1"] < 1.0
+    assert res.best_metrics["f1"] == 1.0 and res.best_metrics["accuracy"] == 1.0
+    assert res.oof_probs.shape == (16,)
+    assert ((res.oof_probs >= 0.5) == (ds.labels == 1)).all()
+    assert res.best_metrics["per_subject_accuracy"] == {"S0": 1.0, "S1": 1.0, "S2": 1.0, "S3": 1.0}
+    assert set(res.history[0]) >= {"epoch", "train_loss", "val_loss", "val_f1", "val_accuracy",
+                                   "val_auc", "lr", "nonfinite_steps", "seconds", "best_epoch",
+                                   "best_val_f1"}
+
+
+def test_early_stopping_and_best_epoch():
+    ds = Cells(16)
+    logs: list[str] = []
+    res = fit_fold(tiny_cfg(epochs=30, patience=2), ds, ds, log=logs.append)
+    assert len(res.history) < 30                     # reached F1 = 1.0, which cannot be beaten
+    assert res.history[-1]["early_stopped"]
+    assert len(res.history) == res.best_epoch + 2
+    assert "early stop" in logs[-1] and logs[0].startswith("fold 0 epoch 1/30 train_loss")
+
+
+@pytest.mark.parametrize("scheduler", ["onecycle", "cosine", "plateau", "none"])
+def test_schedulers(scheduler):
+    cfg = tiny_cfg(scheduler=scheduler, epochs=2, lr=1e-2, warmup_pct=0.25)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=cfg.train.lr)
+    sched, per_batch = make_scheduler(cfg, opt, steps_per_epoch=10)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if sched is not None and per_batch:
+            sched.step()
+    if scheduler == "onecycle":
+        assert lrs[0] == pytest.approx(1e-2 / 25) and max(lrs) == pytest.approx(1e-2)
+        assert int(np.argmax(lrs)) == 4 and lrs[-1] < 1e-4
+    elif scheduler == "cosine":
+        assert lrs[0] == pytest.approx(1e-2) and lrs[-1] < 1e-3
+    else:
+        assert not per_batch and set(lrs) == {1e-2}
+    if scheduler == "plateau":
+        for _ in range(4):
+            sched.step(0.5)  # no improvement: x plateau_factor after plateau_patience epochs
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.5e-2)
+
+
+def test_onecycle_with_warmup_of_exactly_one_step():
+    cfg = tiny_cfg(scheduler="onecycle", epochs=1, warmup_pct=0.1)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched, _ = make_scheduler(cfg, opt, steps_per_epoch=10)  # torch would divide by zero
+    for _ in range(10):
+        opt.step()
+        sched.step()
+
+
+def test_keras_head_adamax_plateau_trains():
+    cfg = tiny_cfg(optimizer="adamax", scheduler="plateau", epochs=2)
+    cfg.model.head = "keras"
+    ds = Cells(17)  # 17 % 8 == 1: the last batch of 1 is dropped (BatchNorm1d)
+    run = FoldRun(cfg, ds, ds, log=quiet)
+    assert run.train_loader.drop_last and run.steps_per_epoch == 2
+    assert not run.val_loader.drop_last
+    while not run.done:
+        row = run.step()
+    assert math.isfinite(row["train_loss"]) and row["nonfinite_steps"] == 0
+    assert isinstance(run.optimizer, torch.optim.Adamax)
+
+
+def test_input_errors():
+    ds = Cells(16)
+    with pytest.raises(UserError, match="training set has 1 image"):
+        FoldRun(tiny_cfg(), torch.utils.data.Subset(ds, [0]), ds, log=quiet)
+    bad = Cells(16)
+    bad.labels = bad.labels.copy()
+    bad.labels[0] = -1
+    with pytest.raises(UserError, match=r"labels \[-1\]"):
+        FoldRun(tiny_cfg(), bad, ds, log=quiet)
+    cfg = tiny_cfg(batch_size=1)
+    cfg.model.head = "keras"
+    with pytest.raises(UserError, match="train.batch_size = 1 with model.head = keras"):
+        FoldRun(cfg, ds, ds, log=quiet)
+
+
+# ------------------------------------------------------------------------------ non-finite guard
+def test_nonfinite_loss_trips_after_max_nonfinite():
+    ds = Cells(32)  # 4 batches per epoch
+    run = FoldRun(tiny_cfg(max_nonfinite=3), ds, ds, log=quiet)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    run.model.register_forward_hook(lambda m, i, out: out * float("nan"))
+    with pytest.raises(NonFiniteLossError,
+                       match=r"fold 0: 3 consecutive non-finite losses at epoch 1 \(lr=.*lower "
+                             r"train.lr or raise train.grad_clip"):
+        run.step()
+    after = run.model.state_dict()
+    for k, v in before.items():
+        if "running" not in k and "num_batches" not in k:  # BN statistics move in the forward
+            assert torch.equal(v, after[k]), k
+
+
+def test_single_nonfinite_loss_is_skipped_and_counted():
+    ds = Cells(32)
+    run = FoldRun(tiny_cfg(max_nonfinite=2, epochs=1), ds, ds, log=quiet)
+    calls = {"n": 0}
+
+    def once(module, inputs, out):
+        calls["n"] += 1
+        return out * float("nan") if calls["n"] == 2 else out
+
+    run.model.register_forward_hook(once)
+    row = run.step()
+    assert row["nonfinite_steps"] == 1 and math.isfinite(row["train_loss"])
+    assert run.nonfinite_run == 0  # reset by the next good step
+
+
+def test_nonfinite_gradient_trips_too():
+    ds = Cells(32)
+    run = FoldRun(tiny_cfg(max_nonfinite=2), ds, ds, log=quiet)
+    p = next(run.model.parameters())
+    p.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"2 consecutive .*last: gradient norm"):
+        run.step()
+
+
+# --------------------------------------------------------------------- checkpoints and resume
+def test_checkpoint_round_trip_weights_only(tmp_path):
+    ds = Cells(16)
+    run = FoldRun(tiny_cfg(epochs=2), ds, ds, fold=1, log=quiet)
+    run.step()
+    path = tmp_path / "sub" / "state.pt"
+    save_checkpoint(run.state_dict(), path)
+    assert not list(path.parent.glob(".*tmp*"))
+    state = torch.load(path, map_location="cpu", weights_only=True)  # plain types only
+    assert state["epoch"] == 1 and state["fold"] == 1 and len(state["history"]) == 1
+    state = load_checkpoint(path)
+    again = FoldRun(tiny_cfg(epochs=2), ds, ds, fold=1, state=state, log=quiet)
+    assert again.epoch == 1 and not again.done and again.best_epoch == 1
+    assert_same_weights(again.model.state_dict(), run.model.state_dict())
+    assert again.history == run.history
+    with pytest.raises(UserError, match="belongs to fold 1, not fold 0"):
+        FoldRun(tiny_cfg(epochs=2), ds, ds, fold=0, state=state, log=quiet)
+    with pytest.raises(UserError, match=r"train.lr = 0.003, this run has 0.001"):
+        FoldRun(tiny_cfg(epochs=2, lr=1e-3), ds, ds, fold=1, state=state, log=quiet)
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(UserError, match="missing.pt: checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(UserError, match="bad.pt: not a readable leuk-ray checkpoint"):
+        load_checkpoint(bad)
+
+
+@pytest.mark.parametrize("head,optimizer,scheduler", [("mlp", "adamw", "onecycle"),
+                                                      ("keras", "adamax", "plateau")])
+def test_resume_equals_uninterrupted_run(tmp_path, head, optimizer, scheduler):
+    ds, val = Cells(24, seed=1), Cells(16, seed=2)
+    cfg = tiny_cfg(epochs=3, optimizer=optimizer, scheduler=scheduler, plateau_patience=0)
+    cfg.model.head = head
+    full = fit_fold(cfg, ds, val, log=quiet)
+
+    first = FoldRun(cfg, ds, val, log=quiet)
+    first.step()
+    save_checkpoint(first.state_dict(), tmp_path / "s.pt")
+    del first
+    torch.manual_seed(999)  # whatever happened in between must not matter
+    resumed = fit_fold(cfg, ds, val, state=load_checkpoint(tmp_path / "s.pt"), log=quiet)
+
+    assert strip_time(resumed.history) == strip_time(full.history)
+    assert resumed.best_epoch == full.best_epoch
+    assert resumed.best_metrics == full.best_metrics
+    np.testing.assert_array_equal(resumed.oof_probs, full.oof_probs)
+    assert_same_weights(resumed.best_state, full.best_state)
+
+
+def test_same_seed_same_run_other_seed_other_run():
+    ds = Cells(16)
+    a = fit_fold(tiny_cfg(epochs=2), ds, ds, log=quiet)
+    b = fit_fold(tiny_cfg(epochs=2), ds, ds, log=quiet)
+    assert strip_time(a.history) == strip_time(b.history)
+    assert_same_weights(a.best_state, b.best_state)
+    c = fit_fold(tiny_cfg(epochs=2, seed=7), ds, ds, log=quiet)
+    assert strip_time(c.history) != strip_time(a.history)
+    assert epoch_seed(42, 0, 1) != epoch_seed(42, 0, 2) != epoch_seed(42, 1, 2)
+
+
+def test_resume_is_exact_with_the_real_dataset_and_augmentations(tmp_path):
+    """CellDataset + albumentations (seeded per epoch by the engine), 2 epochs vs 1 + resume."""
+    from leuk_ray.data import fold_datasets, prepare_data
+    from leuk_ray.data.synth import make_synthetic
+    cfg = tiny_cfg(epochs=2)
+    cfg.data.root = str(make_synthetic(tmp_path / "data", n=40, size=32))
+    cfg.data.folds = 2
+    prepared = prepare_data(cfg.data)
+    train_ds, val_ds = fold_datasets(prepared, 1, cfg.data)
+    assert train_ds.transform is not None
+    full = fit_fold(cfg, train_ds, val_ds, fold=1, log=quiet)
+    first = FoldRun(cfg, train_ds, val_ds, fold=1, log=quiet)
+    first.step()
+    state = first.state_dict()
+    resumed = fit_fold(cfg, *fold_datasets(prepared, 1, cfg.data), fold=1, state=state, log=quiet)
+    assert strip_time(resumed.history) == strip_time(full.history)
+    assert_same_weights(resumed.best_state, full.best_state)
+
+
+def test_on_epoch_callback_gets_metrics_and_run(tmp_path):
+    ds = Cells(16)
+    seen = []
+
+    def on_epoch(metrics, run):
+        seen.append(metrics["epoch"])
+        save_checkpoint(run.state_dict(), tmp_path / "state.pt")
+
+    fit_fold(tiny_cfg(epochs=2), ds, ds, on_epoch=on_epoch, log=quiet)
+    assert seen == [1, 2] and load_checkpoint(tmp_path / "state.pt")["done"] is True
+
+
+# ------------------------------------------------------------------------------ mixed precision
+def test_amp_dtype_selection():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert select_amp_dtype(cpu, True) is None
+    assert select_amp_dtype(cuda, False, bf16_supported=True) is None
+    assert select_amp_dtype(cuda, True, bf16_supported=True) is torch.bfloat16
+    assert select_amp_dtype(cuda, True, bf16_supported=False) is torch.float16
+    assert make_grad_scaler(cpu, torch.float16).is_enabled()
+    assert not make_grad_scaler(cpu, torch.bfloat16).is_enabled()
+    assert not make_grad_scaler(cpu, None).is_enabled()
+    run = FoldRun(tiny_cfg(), Cells(16), Cells(16), log=quiet)  # CPU: fp32, no scaler
+    assert run.amp_dtype is None and not run.scaler.is_enabled() and not run.channels_last
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_training_path_on_cpu(tmp_path, dtype):
+    """The CUDA AMP code path (autocast + GradScaler for fp16), run on CPU autocast."""
+    ds = Cells(16)
+    run = FoldRun(tiny_cfg(epochs=2), ds, ds, log=quiet)
+    run.amp_dtype = dtype
+    run.scaler = make_grad_scaler(run.device, dtype)
+    with autocast(run.device, dtype):
+        assert run.model(torch.zeros(2, 3, 32, 32)).dtype == dtype
+    row = run.step()
+    assert math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])
+    state = run.state_dict()
+    if dtype == torch.float16:
+        assert state["scaler"]["scale"] > 0  # the scaler ran and its state is saved
+    save_checkpoint(state, tmp_path / "amp.pt")
+    resumed = FoldRun(tiny_cfg(epochs=2), ds, ds, state=load_checkpoint(tmp_path / "amp.pt"),
+                      log=quiet)
+    resumed.amp_dtype, resumed.scaler = dtype, make_grad_scaler(run.device, dtype)
+    resumed.load_state_dict(state)
+    assert resumed.scaler.get_scale() == run.scaler.get_scale()
+
+
+def test_fp16_scaler_skips_overflow_without_counting():
+    ds = Cells(16)
+    run = FoldRun(tiny_cfg(epochs=1), ds, ds, log=quiet)
+    run.amp_dtype = torch.float16
+    run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # first steps overflow
+    row = run.step()
+    assert row["scaler_skips"] >= 1 and row["nonfinite_steps"] == 0
+    assert run.scaler.get_scale() < 2.0**40
+
+
+# ----------------------------------------------------------------------------------- prediction
+def test_predict_probs_and_tta():
+    ds = Cells(10)
+    torch.manual_seed(0)
+    run = FoldRun(tiny_cfg(), ds, ds, log=quiet)
+    model = run.model.eval()
+    p = predict_probs(model, ds, device="cpu", batch_size=4)
+    assert p.shape == (10,) and ((p >= 0) & (p <= 1)).all()
+    p_tta = predict_probs(model, ds, device="cpu", batch_size=4, tta=True)
+    from leuk_ray.data.transforms import to_model_input
+    x = to_model_input(ds.images, "cpu")
+    views = dihedral_views(x)
+    assert len(views) == 8
+    assert not any(torch.equal(views[i], views[j]) for i in range(8) for j in range(i))
+    with torch.no_grad():
+        want = torch.stack([torch.softmax(model(v), 1)[:, 1] for v in views]).mean(0)
+    np.testing.assert_allclose(p_tta, want.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(p, p_tta)
+
+
+# -------------------------------------------------------------------------------------- metrics
+def test_metrics_sanity():
+    y = np.array([0, 0, 1, 1, 1, 0])
+    p = np.array([0.1, 0.6, 0.9, 0.8, 0.3, 0.2])
+    m = classification_metrics(y, p)
+    pred = (p >= 0.5).astype(int)
+    assert m["f1"] == pytest.approx(f1_score(y, pred, average="weighted"))
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["sensitivity"] == m["recall_all"] == pytest.approx(2 / 3)
+    assert m["specificity"] == m["recall_hem"] == pytest.approx(2 / 3)
+    assert m["precision_all"] == pytest.approx(2 / 3) and m["n"] == 6
+    assert 0 < m["auc"] < 1 and 0 <= m["ece"] <= 1
+    assert m["per_subject_accuracy"] == {}
+    assert set(m) == {"f1", "accuracy", "auc", "precision_all", "recall_all", "f1_all",
+                      "precision_hem", "recall_hem", "f1_hem", "sensitivity", "specificity",
+                      "ece", "n", "per_subject_accuracy"}
+    json.dumps(m)
+
+    perfect = classification_metrics([0, 1, 1], [0.0, 1.0, 1.0])
+    assert perfect["f1"] == 1.0 and perfect["auc"] == 1.0 and perfect["ece"] == 0.0
+    one_class = classification_metrics([1, 1], [0.9, 0.2])
+    assert one_class["auc"] is None and one_class["accuracy"] == 0.5
+    # ECE: every row predicted with confidence 0.8, 50% right -> |0.5 - 0.8|
+    assert classification_metrics([1, 0], [0.8, 0.8])["ece"] == pytest.approx(0.3)
+    subj = classification_metrics([1, 0, 1, -1], [0.9, 0.7, 0.2, 0.5],
+                                  subjects=["a", "a", "b", "c"])
+    assert subj["n"] == 3 and subj["per_subject_accuracy"] == {"a": 0.5, "b": 0.0}
+    assert classification_metrics([0, 1], [0.4, 0.45], threshold=0.42)["accuracy"] == 1.0
+
+
+# ---------------------------------------------------------------------------------- command line
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def test_train_help():
+    r = subprocess.run([sys.executable, "-m", "leuk_ray.train", "--help"], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for flag in ("--fold", "--demo", "--resume", "--smoke-test", "--data", "--out"):
+        assert flag in r.stdout
+
+
+def test_train_without_data_is_a_user_error(tmp_path):
+    from leuk_ray.train import main
+    with pytest.raises(UserError, match=r"no data: pass --data DIR \(or --demo\)"):
+        main(["--out", str(tmp_path / "run")])
+    with pytest.raises(UserError, match="--resume needs --out"):
+        main(["--resume"])
+
+
+@pytest.mark.slow
+def test_train_smoke_demo_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "leuk_ray.train", "--smoke-test", "--demo", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"outputs: {out}" in r.stdout and "mean validation F1 over 2 fold(s)" in r.stdout
+    for name in ("config.yaml", "history.csv", "oof.csv", "summary.json", "fold_0.pt", "fold_1.pt",
+                 "state_fold_0.pt", "state_fold_1.pt"):
+        assert (out / name).is_file(), name
+    ckpt = torch.load(out / "fold_0.pt", map_location="cpu", weights_only=True)
+    assert set(ckpt) == {"model", "config", "metrics", "fold", "epoch"}
+    assert ckpt["config"]["model"]["backbone"] == "test_efficientnet"
+    history = pd.read_csv(out / "history.csv")
+    assert len(history) == 6 and set(history["fold"]) == {0, 1}
+    oof = pd.read_csv(out / "oof.csv")
+    assert list(oof.columns) == ["path", "subject", "label", "fold", "prob_all"]
+    assert oof["path"].is_unique and oof["prob_all"].between(0, 1).all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["folds"]) == {"0", "1"}
+    assert summary["mean_val_f1"] == pytest.approx(
+        np.mean([summary["folds"][f]["f1"] for f in ("0", "1")]))
+
+    # --resume on a finished run retrains nothing and reproduces the summary
+    r2 = subprocess.run(cmd + ["--resume"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                        timeout=600)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "resuming after epoch 3" in r2.stdout and " epoch 1/3 " not in r2.stdout
+    assert json.loads((out / "summary.json").read_text()) == summary
