@@ -156,14 +156,15 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "model.pretrained": False,
     "data.image_size": 64,
     "data.folds": 2,
-    "data.max_images": 160,
+    "data.max_images": 240,
     "data.num_workers": 0,
-    "train.epochs": 3,
+    "train.epochs": 6,
     "train.batch_size": 16,
-    "train.lr": 1e-3,
+    "train.lr": 3e-3,
     "train.patience": 0,
+    "train.threads": 1,
+    "ray.cpus_per_worker": 0.45,
     "search.num_samples": 4,
-    "search.grace_period": 1,
 }
 
 

@@ -13,6 +13,8 @@ pruned with that reason).
 """
 from __future__ import annotations
 
+import logging
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from leuk_ray.config import Config, from_dict, to_dict
 from leuk_ray.data import PreparedData, fold_datasets
+from leuk_ray.data.cache import image_cache
 from leuk_ray.engine import FoldRun, load_checkpoint, save_checkpoint
 from leuk_ray.errors import NonFiniteLossError
 
@@ -74,9 +77,12 @@ def fold_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     fold, k = ctx.get_world_rank(), ctx.get_world_size()
     group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+    # Ray Train logs every report and checkpoint at INFO, and tees print() through its logger
+    # (each line twice in the driver's output); keep the worker's output to one line per epoch.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
 
     def log(msg: str) -> None:
-        print(f"[fold {fold}] {msg}", flush=True)
+        print(msg, file=sys.__stdout__, flush=True)
 
     state = None
     checkpoint = ray.train.get_checkpoint()
@@ -85,9 +91,10 @@ def fold_worker(loop_config: dict[str, Any]) -> None:
             path = Path(d) / fold_file(fold)
             if path.exists():
                 state = load_checkpoint(path)
-                log(f"resuming after epoch {state['epoch']} from {checkpoint.path}")
+                log(f"fold {fold}: resuming after epoch {state['epoch']} from {checkpoint.path}")
 
-    train_ds, val_ds = fold_datasets(prepared, fold, cfg.data)
+    images, bad = image_cache(cfg.data, prepared)
+    train_ds, val_ds = fold_datasets(prepared, fold, cfg.data, images=images, bad=bad)
     run = FoldRun(cfg, train_ds, val_ds, fold=fold, state=state, log=log)
     last: dict[str, Any] = {"val_f1": 0.0, "val_loss": float("nan")}
     if run.history:
@@ -99,13 +106,13 @@ def fold_worker(loop_config: dict[str, Any]) -> None:
                 last = run.step()
             except NonFiniteLossError as e:
                 failed = str(e)
-                log(f"stopping: {failed}")
+                log(f"fold {fold}: stopping: {failed}")
         mine = {
             "fold": fold,
             "epoch": run.epoch,
             "val_f1": float(last.get("val_f1", 0.0)),
             "val_loss": float(last.get("val_loss", float("nan"))),
-            "best_val_f1": float(run.best_score if run.best_score is not None else 0.0),
+            "best_val_f1": float(run.best_val_f1 or 0.0),
             "best_epoch": int(run.best_epoch),
             "done": bool(run.done),
             "failed": failed,

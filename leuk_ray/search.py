@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -39,6 +41,10 @@ from leuk_ray.search_space import SearchSpace, apply_params, load_space
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOKE_SPACE = "search_spaces/smoke.yaml"
+# Not .json/.pkl: on restore Tune copies every .json/.pkl of the experiment into its staging dir and
+# later uploads them back, which would overwrite these with the copies from restore time.
+PRUNED_FILE = "pruned_trials.yaml"
+ASHA_STATE_FILE = "asha_state.pickle"
 
 
 # ------------------------------------------------------------------------------------ the trial
@@ -78,6 +84,7 @@ class PruneAwareOptunaSearch(OptunaSearch):
                           error: bool = False) -> None:
         if result and not error and not result.get("trial_finished", False) and \
                 trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            self.on_trial_result(trial_id, result)  # the last result comes only with completion
             try:
                 self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
             finally:
@@ -86,21 +93,100 @@ class PruneAwareOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result, error)
 
 
+# ------------------------------------------------------------------------ ASHA that survives resume
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs survive an interrupted search, and which records whom it pruned.
+
+    Tune restores trials and the searcher on ``--resume`` but builds the scheduler afresh, so the
+    rung cutoffs earned by finished trials would be forgotten and a resumed weak trial would run to
+    the end. This scheduler pickles its state into the experiment directory after every decision
+    and reloads it on first use; ``pruned_trials.yaml`` lists the trials it stopped (trial id -> epoch).
+    """
+
+    def __init__(self, *args: Any, state_dir: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._state_dir = state_dir
+        self._loaded = False
+        self.pruned: dict[str, int] = {}
+
+    def _paths(self) -> tuple[Path, Path]:
+        d = Path(self._state_dir)
+        return d / ASHA_STATE_FILE, d / PRUNED_FILE
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        state, _ = self._paths()
+        if state.exists():
+            keep = self._state_dir
+            self.restore(str(state))
+            self._state_dir = keep
+        self._loaded = True
+
+    def _save(self) -> None:
+        state, pruned = self._paths()
+        tmp = state.with_suffix(".tmp")
+        self.save(str(tmp))
+        os.replace(tmp, state)
+        tmp = pruned.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.pruned))  # JSON is YAML
+        os.replace(tmp, pruned)
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._load()
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        self._load()
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP and not result.get("trial_finished", False):
+            self.pruned[trial.trial_id] = int(result.get(self._time_attr, 0))
+        self._save()
+        return action
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        self._load()
+        if trial.trial_id in self._trial_info:
+            super().on_trial_complete(tune_controller, trial, result)
+        self._save()
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        self._trial_info.pop(trial.trial_id, None)
+
+
+def read_pruned(exp_dir: Path) -> dict[str, int]:
+    p = exp_dir / PRUNED_FILE
+    return yaml.safe_load(p.read_text()) or {} if p.exists() else {}
+
+
 # --------------------------------------------------------------------------- trials.csv, progress
-def trial_row(trial: Any, space_keys: list[str]) -> dict[str, Any]:
-    """One row of trials.csv from a Tune Trial."""
+def trial_row(trial: Any, space_keys: list[str], ended: str = "",
+              pruned: dict[str, int] | None = None) -> dict[str, Any]:
+    """One row of trials.csv from a Tune Trial.
+
+    ``ended`` is 'completed'/'failed' for the trial Tune is ending right now (its status is not
+    final yet); ``pruned`` maps the trials ASHA stopped to the epoch it stopped them at.
+    """
     res = trial.last_result or {}
-    status = {"TERMINATED": "completed", "ERROR": "failed", "RUNNING": "running",
+    status = {"TERMINATED": "ended", "ERROR": "failed", "RUNNING": "running",
               "PENDING": "pending", "PAUSED": "paused"}.get(trial.status, trial.status.lower())
+    if ended and status in ("running", "pending", "paused"):
+        status = "failed" if ended == "failed" else "ended"
     reason = ""
     if status == "failed":
         err = trial.get_error()
         reason = (str(err).strip().splitlines() or ["error"])[-1][:300] if err else "error"
-    elif status == "completed" and res.get("pruned_reason"):
-        status, reason = "pruned", str(res["pruned_reason"])
-    elif status == "completed" and not res.get("trial_finished", False):
-        status = "pruned"
-        reason = f"ASHA stopped it at epoch {res.get('epoch', '?')} (below the rung's cutoff)"
+    elif status == "ended":
+        if res.get("pruned_reason"):
+            status, reason = "pruned", str(res["pruned_reason"])
+        elif res.get("trial_finished"):
+            status = "completed"
+        elif trial.trial_id in (pruned or {}):
+            status = "pruned"
+            reason = (f"ASHA stopped it at epoch {pruned[trial.trial_id]} (below its rung's "
+                      "cutoff)")
+        else:
+            status = "interrupted"  # stopped by Ctrl+C or a lost driver: --resume reruns it
     flat = _flatten(trial.config)
     row: dict[str, Any] = {"trial_id": trial.trial_id, "status": status, "reason": reason}
     row.update({k: flat.get(k) for k in space_keys})
@@ -127,8 +213,11 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def write_trials_csv(trials: list, space_keys: list[str], path: Path) -> list[dict[str, Any]]:
-    rows = [trial_row(t, space_keys) for t in trials]
+def write_trials_csv(trials: list, space_keys: list[str], path: Path,
+                     ended: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    ended = ended or {}
+    pruned = read_pruned(path.parent)
+    rows = [trial_row(t, space_keys, ended.get(t.trial_id, ""), pruned) for t in trials]
     fields: list[str] = []
     for r in rows:
         fields += [k for k in r if k not in fields]
@@ -146,6 +235,7 @@ class SearchProgress(tune.Callback):
 
     def __init__(self, exp_dir: Path, space_keys: list[str], max_epochs: int) -> None:
         self.exp_dir, self.space_keys, self.max_epochs = exp_dir, space_keys, max_epochs
+        self.ended: dict[str, str] = {}  # trial id -> completed/failed, as Tune tells us
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
@@ -154,23 +244,24 @@ class SearchProgress(tune.Callback):
         print(f"[trial {trial.trial_id}] epoch {result.get('epoch')}/{self.max_epochs} "
               f"mean F1 {result.get(SCORE, float('nan')):.4f} (folds {folds})", flush=True)
 
-    def _end(self, trials: list, trial: Any) -> None:
-        row = trial_row(trial, self.space_keys)
+    def _end(self, trials: list, trial: Any, how: str) -> None:
+        self.ended[trial.trial_id] = how
+        row = trial_row(trial, self.space_keys, how, read_pruned(self.exp_dir))
         score = row["mean_val_f1"]
         text = f"{score:.4f}" if isinstance(score, float) else "-"
         why = f": {row['reason']}" if row["reason"] else ""
         print(f"[trial {trial.trial_id}] {row['status']} after {row['epochs']} epochs, mean F1 "
               f"{text}{why}", flush=True)
-        write_trials_csv(trials, self.space_keys, self.exp_dir / "trials.csv")
+        write_trials_csv(trials, self.space_keys, self.exp_dir / "trials.csv", self.ended)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trials, trial)
+        self._end(trials, trial, "completed")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trials, trial)
+        self._end(trials, trial, "failed")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        write_trials_csv(trials, self.space_keys, self.exp_dir / "trials.csv")
+        write_trials_csv(trials, self.space_keys, self.exp_dir / "trials.csv", self.ended)
 
 
 # ---------------------------------------------------------------------------------- the command
@@ -341,9 +432,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             space=space.optuna_space(), metric=SCORE, mode="max",
             points_to_evaluate=space.optuna_points() or None,
             sampler=optuna.samplers.TPESampler(seed=cfg.search.seed))
-        scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs,
+        scheduler = (ResumableASHA(time_attr="epoch", max_t=cfg.train.epochs,
                                    grace_period=min(cfg.search.grace_period, cfg.train.epochs),
-                                   reduction_factor=cfg.search.reduction_factor)
+                                   reduction_factor=cfg.search.reduction_factor,
+                                   state_dir=str(exp_dir))
                      if cfg.search.scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable,
@@ -360,9 +452,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         trials_csv = exp_dir / "trials.csv"
         with trials_csv.open() as f:
             rows = [_typed(r) for r in csv.DictReader(f)]
+        write_optuna_trials(exp_path, exp_dir / "optuna_trials.csv")
     best = _best(rows)
     print(f"\n{len(rows)} trials: " + ", ".join(
         f"{sum(r['status'] == s for r in rows)} {s}" for s in ("completed", "pruned", "failed")))
+    unfinished = [r for r in rows if r["status"] not in ("completed", "pruned", "failed")]
+    if unfinished or len(rows) < num_samples:
+        print(f"search interrupted: {len(rows) - len(unfinished)} of {num_samples} trials ended; "
+              f"continue it with: python -m leuk_ray.search --resume --name {name} "
+              f"--storage-path {storage}", flush=True)
+        return 130
     if best is None:
         print(f"no trial completed; see {exp_dir / 'trials.csv'}", flush=True)
         return 1
@@ -383,6 +482,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"TensorBoard: tensorboard --logdir {exp_dir}")
     print(f"next:        python -m leuk_ray.final --from {exp_dir}")
     return 0
+
+
+def write_optuna_trials(exp_path: str, out: Path) -> None:
+    """What Optuna learned (each trial's state: COMPLETE, PRUNED or FAIL), from the saved searcher."""
+    searcher = PruneAwareOptunaSearch()
+    try:
+        searcher.restore_from_dir(exp_path)
+    except (FileNotFoundError, RuntimeError):
+        return
+    searcher._ot_study.trials_dataframe().to_csv(out, index=False)  # noqa: SLF001
 
 
 def _typed(row: dict[str, str]) -> dict[str, Any]:

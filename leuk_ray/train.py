@@ -24,7 +24,7 @@ import pandas as pd
 from leuk_ray.cli import common_parser, config_from_args, run_main
 from leuk_ray.config import Config, save_config, to_dict
 from leuk_ray.data import fold_datasets, prepare_data
-from leuk_ray.data.cache import decode_dict, fits_cache
+from leuk_ray.data.cache import image_cache
 from leuk_ray.engine import FoldResult, FoldRun, fit_fold, load_checkpoint, save_checkpoint
 from leuk_ray.errors import UserError
 from leuk_ray.model import check_backbone_name
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"training {len(folds)} fold(s) of {prepared.n_folds} on {len(prepared.train)} images "
           f"({cfg.model.backbone}, {cfg.data.image_size} px, up to {cfg.train.epochs} epochs) "
           f"-> {out}", flush=True)
-    images, bad = image_cache(cfg, prepared)
+    images, bad = image_cache(cfg.data, prepared)
     results: list[FoldResult] = []
     oof_parts: list[pd.DataFrame] = []
     for fold in folds:
@@ -99,20 +99,6 @@ def _demo_data(root: Path) -> Path:
         print(f"writing a synthetic demo data set to {root}", flush=True)
         make_synthetic(root)
     return root
-
-
-def image_cache(cfg: Config, prepared) -> tuple[dict | None, list[str]]:
-    """Decode every CV image once (data.cache: on, off, or auto = when it fits data.cache_mb)."""
-    paths = prepared.train["path"].tolist()
-    d = cfg.data
-    if d.cache == "off" or (d.cache == "auto" and not fits_cache(len(paths), d.image_size,
-                                                                 d.cache_mb)):
-        return None, []
-    t0 = time.perf_counter()
-    images, bad = decode_dict(paths, d.image_size)
-    print(f"decoded {len(paths)} images into the cache in {time.perf_counter() - t0:.1f}s",
-          flush=True)
-    return images, bad
 
 
 def train_fold(cfg: Config, prepared, fold: int, out: Path, *, resume: bool,

@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from typing import TYPE_CHECKING
+
+from leuk_ray.config import DataConfig
 from leuk_ray.data.decode import ImageDecodeError, read_image
+
+if TYPE_CHECKING:
+    from leuk_ray.data.prepare import PreparedData
 
 
 def cache_bytes(n: int, size: int) -> int:
@@ -56,3 +63,16 @@ def decode_dict(paths: Sequence[str], size: int,
     """``decode_all`` as the path -> image dict that ``fold_datasets`` takes, plus the bad paths."""
     images, bad = decode_all(paths, size, threads)
     return as_image_dict(paths, images, bad), bad
+
+
+def image_cache(d: DataConfig, prepared: PreparedData) -> tuple[dict | None, list[str]]:
+    """Decode every CV image once (data.cache: on, off, or auto = when it fits data.cache_mb)."""
+    paths = prepared.train["path"].tolist()
+    if d.cache == "off" or (d.cache == "auto" and not fits_cache(len(paths), d.image_size,
+                                                                 d.cache_mb)):
+        return None, []
+    t0 = time.perf_counter()
+    images, bad = decode_dict(paths, d.image_size)
+    print(f"decoded {len(paths)} images into the cache in {time.perf_counter() - t0:.1f}s",
+          flush=True)
+    return images, bad

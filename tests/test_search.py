@@ -1,0 +1,132 @@
+"""The search end to end on a real local Ray, real Optuna and real timm (no mocks).
+
+Slow: each search starts Ray and a TorchTrainer per trial. Trials run one at a time here so the
+ASHA decisions are reproducible (CPU training is deterministic).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# seed 000-like good point first, then a learning rate too small to learn anything in 6 epochs:
+# ASHA must stop that one at its first rung (epoch 2) because it is below the first trial there.
+SPACE = """
+params:
+  train.lr:              {type: loguniform, low: 1.0e-7, high: 1.0e-2}
+  train.focal_gamma:     {type: uniform, low: 0.0, high: 3.0}
+  train.label_smoothing: {type: uniform, low: 0.0, high: 0.2}
+  model.dropout:         {type: uniform, low: 0.0, high: 0.5}
+first:
+  - {train.lr: 3.0e-3, train.focal_gamma: 1.5, train.label_smoothing: 0.05, model.dropout: 0.2}
+  - {train.lr: 1.0e-7, train.focal_gamma: 1.5, train.label_smoothing: 0.05, model.dropout: 0.2}
+"""
+
+
+def _cmd(data: Path, storage: Path, name: str, space: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "leuk_ray.search", "--smoke-test", "--data", str(data),
+            "--space", str(space), "--storage-path", str(storage), "--name", name,
+            "--set", "data.max_images=160", "--set", "search.max_concurrent=1",
+            "--num-cpus", "2", *extra]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _ended(path: Path) -> int:
+    if not path.exists():
+        return 0
+    return sum(r["status"] in ("completed", "pruned", "failed") for r in _rows(path))
+
+
+def _result_lines(exp: Path) -> dict[str, int]:
+    """trial id -> number of results it reported (grows if a trial were rerun)."""
+    out = {}
+    for d in exp.glob("trial_fn_*"):
+        tid = d.name.split("_")[2]
+        f = d / "result.json"
+        out[tid] = len(f.read_text().splitlines()) if f.exists() else 0
+    return out
+
+
+@pytest.mark.slow
+def test_search_prunes_resumes_and_writes_results(cnmc_root, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    storage = tmp_path / "results"
+    exp = storage / "s1"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(_cmd(cnmc_root, storage, "s1", space, "--num-samples", "3"),
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                            start_new_session=True)
+    deadline = time.time() + 400
+    while _ended(exp / "trials.csv") < 1 and proc.poll() is None and time.time() < deadline:
+        time.sleep(1)
+    assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
+    proc.wait(timeout=120)
+    before = _rows(exp / "trials.csv")
+    ended_before = {r["trial_id"]: r for r in before if r["status"] in ("completed", "pruned")}
+    assert ended_before, before
+    lines_before = _result_lines(exp)
+
+    # a search whose name exists is refused without --resume
+    again = subprocess.run(_cmd(cnmc_root, storage, "s1", space), capture_output=True, text=True,
+                           cwd=ROOT, timeout=300)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+    r = subprocess.run(_cmd(cnmc_root, storage, "s1", space, "--resume"), capture_output=True,
+                       text=True, cwd=ROOT, timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    rows = _rows(exp / "trials.csv")
+    # exactly --num-samples trials, none repeated, finished ones kept as they were
+    assert len(rows) == 3 and len({row["trial_id"] for row in rows}) == 3
+    for tid, row in ended_before.items():
+        now = next(x for x in rows if x["trial_id"] == tid)
+        assert now["mean_val_f1"] == row["mean_val_f1"] and now["status"] == row["status"]
+        assert _result_lines(exp)[tid] == lines_before[tid]  # not rerun
+    # every trial has a score per fold; the tiny learning rate was pruned by ASHA
+    for row in rows:
+        assert row["status"] in ("completed", "pruned"), row
+        assert row["fold_0_val_f1"] and row["fold_1_val_f1"]
+        f = [float(row["fold_0_val_f1"]), float(row["fold_1_val_f1"])]
+        assert float(row["mean_val_f1"]) == pytest.approx(sum(f) / 2)
+    tiny = next(x for x in rows if float(x["train.lr"]) < 1e-6)
+    assert tiny["status"] == "pruned" and "ASHA" in tiny["reason"]
+    assert int(tiny["epochs"]) < 6
+    # Optuna was told the truth: ASHA-stopped trials are PRUNED, not COMPLETE
+    ot = _rows(exp / "optuna_trials.csv")
+    states = {round(float(o["params_train/lr"]), 12): o["state"] for o in ot}
+    for row in rows:
+        expected = "COMPLETE" if row["status"] == "completed" else "PRUNED"
+        assert states[round(float(row["train.lr"]), 12)] == expected
+    # best_config.yaml: the full resolved config of the best completed trial plus its CV score
+    best = yaml.safe_load((exp / "best_config.yaml").read_text())
+    done = [x for x in rows if x["status"] == "completed"]
+    top = max(done, key=lambda x: float(x["mean_val_f1"]))
+    assert best["trial_id"] == top["trial_id"]
+    assert best["cv_score"] == pytest.approx(float(top["mean_val_f1"]))
+    assert best["train"]["lr"] == pytest.approx(float(top["train.lr"]))
+    assert best["model"]["backbone"] == "test_efficientnet" and best["data"]["folds"] == 2
+    assert len(best["cv_fold_scores"]) == 2
+    assert "best trial" in r.stdout and str(exp / "best_config.yaml") in r.stdout
+    # the exact split is recorded, and it is grouped by subject
+    folds = _rows(exp / "folds.csv")
+    by_subject: dict[str, set[str]] = {}
+    for f in folds:
+        by_subject.setdefault(f["subject"], set()).add(f["fold"])
+    assert all(len(v) == 1 for v in by_subject.values())
+    json.dumps(best)  # plain YAML types only
