@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from leuk_ray.config import Config, describe_fields, list_presets, load_config
-from leuk_ray.errors import UserError
+from leuk_ray.errors import NonFiniteLossError, UserError
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -50,7 +50,7 @@ def run_main(main: Callable[[Sequence[str] | None], int | None],
     """Run a command's main; a UserError becomes one line on stderr and exit code 2."""
     try:
         code = main(argv)
-    except UserError as e:
+    except (UserError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

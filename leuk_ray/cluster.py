@@ -4,6 +4,7 @@ Nothing here starts a port on a public address: a local Ray binds its dashboard 
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -16,7 +17,9 @@ import ray
 from leuk_ray.config import Config
 from leuk_ray.errors import UserError
 
-MIN_FREE_BYTES = 512 * 2**20  # refuse to start a run with less free space than this
+# refuse to start a run with less free space than this (LEUK_RAY_MIN_FREE_MB overrides)
+MIN_FREE_BYTES = 512 * 2**20
+_joined = False  # connect() joined an existing cluster rather than starting a local Ray
 
 
 def is_uri(path: str) -> bool:
@@ -33,9 +36,11 @@ def connect(address: str | None = None, *, num_cpus: float | None = None) -> str
 
     Returns the dashboard URL ('' when the dashboard is not running).
     """
+    global _joined
     if ray.is_initialized():
         return _dashboard_url()
     address = address or os.environ.get("RAY_ADDRESS") or None
+    _joined = bool(address)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
         if address:
@@ -85,13 +90,17 @@ def trial_shape(cfg: Config, n_folds: int) -> TrialShape:
 def max_concurrent_trials(cfg: Config, n_folds: int) -> int:
     """Trials at once: the configured bound, or as many as the cluster holds (at least 1)."""
     shape = trial_shape(cfg, n_folds)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    on_cluster = len(nodes) > 1 or _joined
+    if on_cluster and cfg.search.max_concurrent:
+        # an autoscaling cluster grows to fit what is asked: the configured bound rules
+        return cfg.search.max_concurrent
     if shape.fits == 0:
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
         msg = (f"one trial needs {shape.cpus:g} CPUs and {shape.gpus:g} GPUs ({n_folds} fold workers "
                f"x ray.cpus_per_worker={cfg.ray.cpus_per_worker:g}, "
                f"ray.gpus_per_worker={cfg.ray.gpus_per_worker:g}, plus the driver), but the "
                f"cluster has {ray.cluster_resources()}")
-        if len(nodes) <= 1 and not os.environ.get("RAY_ADDRESS"):
+        if not on_cluster:
             raise UserError(msg + ": lower ray.cpus_per_worker (fractions are allowed) or "
                             "ray.gpus_per_worker")
         print(f"warning: {msg}; waiting for the autoscaler to add nodes", flush=True)
@@ -101,8 +110,11 @@ def max_concurrent_trials(cfg: Config, n_folds: int) -> int:
     return shape.fits
 
 
-def check_storage(storage: str, *, min_free: int = MIN_FREE_BYTES) -> None:
+def check_storage(storage: str, *, min_free: int | None = None) -> None:
     """Fail before any training when the storage path cannot be written or is nearly full."""
+    if min_free is None:
+        env = os.environ.get("LEUK_RAY_MIN_FREE_MB")
+        min_free = int(float(env) * 2**20) if env else MIN_FREE_BYTES
     if is_uri(storage):
         import pyarrow.fs as pafs
 
@@ -132,16 +144,48 @@ def check_storage(storage: str, *, min_free: int = MIN_FREE_BYTES) -> None:
                         "another --storage-path")
 
 
+NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
+              "fuse.s3fs", "fuse.mountpoint-s3", "fuse.gcsfuse", "fuse.juicefs", "9p", "virtiofs")
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the mount holding ``path`` (from /proc/mounts; '' when unknown)."""
+    p = Path(path).resolve()
+    best, kind = "", ""
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        if (str(p) == mnt or str(p).startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+            best, kind = mnt, parts[2]
+    return kind
+
+
 @ray.remote(num_cpus=0)
 def _sees(path: str) -> bool:
     return Path(path).exists()
 
 
-def check_shared_storage(storage: str) -> None:
-    """On a multi-node cluster a local storage path must be shared (NFS) by every node."""
+def check_shared_storage(storage: str, cfg: Config) -> None:
+    """On a multi-node cluster, results must go where every node can write and read them.
+
+    A URI (s3://, gs://) is shared. A local path must be on a network filesystem (NFS, EFS,
+    Lustre, ...) or declared shared with ``ray.shared_storage=true``, and every node must see it.
+    """
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) <= 1 or is_uri(storage):
         return
+    fs = filesystem_type(storage)
+    if not cfg.ray.shared_storage and fs not in NETWORK_FS:
+        raise UserError(f"storage {storage} is a node-local path ({fs or 'unknown'} filesystem) "
+                        f"on a {len(nodes)}-node cluster: use shared storage, e.g. --storage-path "
+                        "s3://BUCKET/leuk_ray_results or an NFS path mounted on every node (set "
+                        "ray.shared_storage=true if it is a shared mount)")
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     marker = Path(storage) / f".leuk_ray_shared_{uuid.uuid4().hex}"
@@ -154,6 +198,84 @@ def check_shared_storage(storage: str) -> None:
         marker.unlink(missing_ok=True)
     blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
     if blind:
-        raise UserError(f"storage {storage} is a local path that node(s) {', '.join(blind)} cannot "
-                        f"see, on a {len(nodes)}-node cluster: use shared storage, e.g. "
-                        "--storage-path s3://BUCKET/leuk_ray or an NFS path mounted on every node")
+        raise UserError(f"storage {storage} is not visible from node(s) {', '.join(blind)}: mount "
+                        "it at the same path on every node, or use s3://")
+
+
+class RunFiles:
+    """Where a run's own files (config.yaml, trials.csv, best_config.yaml, ...) live.
+
+    Local or NFS storage: the experiment directory itself. A URI (s3://, gs://, ...): a local
+    mirror (under ~/.cache/leuk_ray/runs) that ``push`` uploads to ``<storage>/<name>/`` and
+    ``pull`` fills from there, so a driver on another machine can resume or read the results.
+    """
+
+    def __init__(self, storage: str, name: str) -> None:
+        self.storage, self.name = storage.rstrip("/"), name
+        self.uri = f"{self.storage}/{name}"
+        if is_uri(storage):
+            slug = hashlib.sha256(self.uri.encode()).hexdigest()[:12]
+            base = Path(os.environ.get("LEUK_RAY_CACHE_DIR", "~/.cache/leuk_ray")).expanduser()
+            self.local = base / "runs" / f"{name}-{slug}"
+        else:
+            self.local = Path(self.uri)
+
+    @classmethod
+    def from_path(cls, path: str) -> RunFiles:
+        """A run directory given as one path or URI (``--from s3://bucket/results/my-search``)."""
+        path = path.rstrip("/")
+        if is_uri(path):
+            parent, _, name = path.rpartition("/")
+            return cls(parent, name)
+        p = Path(path).expanduser().absolute()
+        return cls(str(p.parent), p.name)
+
+    @property
+    def remote(self) -> bool:
+        return is_uri(self.storage)
+
+    def _fs(self):
+        import pyarrow.fs as pafs
+
+        return pafs.FileSystem.from_uri(self.uri)
+
+    def exists(self, rel: str) -> bool:
+        if not self.remote:
+            return (self.local / rel).exists()
+        import pyarrow.fs as pafs
+
+        fs, root = self._fs()
+        return fs.get_file_info(f"{root}/{rel}").type != pafs.FileType.NotFound
+
+    def push(self, *rels: str) -> None:
+        """Upload these files (or every file below a folder) from the mirror; no-op when local."""
+        if not self.remote:
+            return
+        fs, root = self._fs()
+        for rel in rels:
+            src = self.local / rel
+            files = sorted(q for q in src.rglob("*") if q.is_file()) if src.is_dir() else \
+                ([src] if src.exists() else [])
+            # a folder's manifest.json goes last, so a reader never sees it before its files
+            files.sort(key=lambda q: q.name == "manifest.json")
+            for f in files:
+                dest = f"{root}/{f.relative_to(self.local).as_posix()}"
+                fs.create_dir(dest.rpartition("/")[0], recursive=True)
+                with fs.open_output_stream(dest) as out:
+                    out.write(f.read_bytes())
+
+    def pull(self, *rels: str) -> list[str]:
+        """Download these files when they exist remotely; returns the ones fetched."""
+        if not self.remote:
+            return [r for r in rels if (self.local / r).exists()]
+        fs, root = self._fs()
+        got = []
+        for rel in rels:
+            if not self.exists(rel):
+                continue
+            dest = self.local / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(f"{root}/{rel}") as src:
+                dest.write_bytes(src.read())
+            got.append(rel)
+        return got

@@ -112,6 +112,8 @@ class RayConfig:
                             range=(0.0, 64.0), open=(0.0,))
     driver_resource: str = _f("", "custom resource that places trial drivers (e.g. TRAIN_DRIVER)")
     max_failures: int = _f(2, "worker-group restarts per trial after a lost worker", range=(0, 100))
+    shared_storage: bool = _f(False, "declare a local storage path shared by every node (an NFS/EFS "
+                              "mount not recognised as one); s3:// and network mounts need not")
 
 
 @dataclass
@@ -245,6 +247,9 @@ def check_key(dotted: str, *, where: str = "config") -> None:
 
 def set_value(cfg: Config, dotted: str, value: Any, *, where: str = "config") -> None:
     section, f = _field_of(cfg, dotted, where)
+    choices = f.metadata.get("choices") or ()
+    if isinstance(value, bool) and {"on", "off"} <= set(choices):
+        value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
     setattr(section, f.name, _coerce(value, f.type, dotted, where))
     # remember where each key was set, so validation errors name the file or --set that set it
     cfg.__dict__.setdefault("_sources", {})[dotted] = where

@@ -64,10 +64,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
     source = None
     base: dict | None = None
     if args.from_dir:
-        source = Path(args.from_dir).expanduser() / "best_config.yaml"
-        if not source.is_file():
-            raise UserError(f"{source}: not found; --from takes a finished search's directory "
-                            "(the one holding best_config.yaml)")
+        search = cluster.RunFiles.from_path(args.from_dir)
+        if not search.pull("best_config.yaml"):
+            raise UserError(f"{search.uri}/best_config.yaml: not found; --from takes a finished "
+                            "search's directory (the one holding best_config.yaml)")
+        source = search.local / "best_config.yaml"
     elif args.config:
         source = Path(args.config).expanduser()
     if source is not None:
@@ -159,15 +160,12 @@ def _fmt(m: dict | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg, source = resolve_config(args)
-    if args.out:
-        out = Path(args.out).expanduser().absolute()
-    elif cfg.final.out:
-        out = Path(cfg.final.out).expanduser().absolute()
-    elif args.from_dir:
-        out = Path(args.from_dir).expanduser().absolute() / "ensemble"
-    else:
-        out = Path("runs").absolute() / time.strftime("final-%Y%m%d-%H%M%S")
-    print(f"final: config from {source or args.preset or 'defaults'}; artifact -> {out}",
+    target = args.out or cfg.final.out or (f"{args.from_dir.rstrip('/')}/ensemble"
+                                           if args.from_dir else
+                                           time.strftime("runs/final-%Y%m%d-%H%M%S"))
+    files = cluster.RunFiles.from_path(target)  # s3:// artifacts are built locally, then uploaded
+    out = files.local
+    print(f"final: config from {source or args.preset or 'defaults'}; artifact -> {files.uri}",
           flush=True)
     prepared = prepare_data(cfg.data)  # refuses test subjects that also appear in training
     for w in prepared.warnings:
@@ -176,18 +174,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"data: {len(prepared.train)} images in {prepared.n_folds} folds, {n_test} labelled test "
           "images", flush=True)
 
-    runs = out.parent / f".{out.name}.runs"
-    cluster.check_storage(str(out.parent))
+    runs = f"{files.storage}/.{files.name}.runs"  # fold checkpoints: a rerun resumes from them
+    cluster.check_storage(files.storage)
     dashboard = cluster.connect(args.address, num_cpus=args.num_cpus)
-    cluster.check_shared_storage(str(runs))
+    cluster.check_shared_storage(files.storage, cfg)
     name = _run_name(cfg, prepared)
-    print(f"training {prepared.n_folds} fold models in parallel (run {runs / name})"
+    print(f"training {prepared.n_folds} fold models in parallel (run {runs}/{name})"
           + (f"; dashboard {dashboard}" if dashboard else ""), flush=True)
-    outcome = run_folds(cfg, prepared, storage_path=str(runs), name=name)
+    outcome = run_folds(cfg, prepared, storage_path=runs, name=name)
     if outcome.metrics.get("pruned_reason"):
         raise UserError(f"final training failed: {outcome.metrics['pruned_reason']}")
     if outcome.checkpoint_dir is None:
-        raise UserError(f"final training left no checkpoint under {runs / name}")
+        raise UserError(f"final training left no checkpoint under {runs}/{name}")
     states = [load_checkpoint(outcome.checkpoint_dir / fold_file(i))
               for i in range(prepared.n_folds)]
 
@@ -233,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     save_artifact(out, cfg=cfg, fold_states=[s["best_state"] for s in states],
                   fold_scores=fold_scores, temperature=temperature, threshold=threshold,
                   metrics=metrics, write_report=report)
+    files.push("")  # to s3:// etc.: every file, manifest.json last
 
     print(f"\nout-of-fold ({len(oof['label'])} images): {_fmt(oof_metrics)}")
     print(f"temperature {temperature:.3f}, threshold {threshold:.3f} (chosen on out-of-fold data)")
@@ -246,8 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{_fmt(test_metrics['ensemble_tta'])}")
     else:
         print("no labelled test set: evaluated on out-of-fold predictions only")
-    print(f"artifact: {out}")
-    print(f"report:   {out / 'report' / 'report.md'}")
+    print(f"artifact: {files.uri}")
+    print(f"report:   {files.uri}/report/report.md")
     print(f"predict:  python -m leuk_ray.predict --model {out} IMAGES_OR_FOLDERS")
     return 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,11 @@ def _summarise(rows: list[dict[str, Any]], total_epochs: int) -> dict[str, Any]:
         "folds_done": sum(r["done"] for r in rows),
         "trial_finished": all(r["done"] for r in rows) and not any(r["failed"] for r in rows),
         "pruned_reason": next((r["failed"] for r in rows if r["failed"]), ""),
+        # wall-clock (time.time()) marks for bench/search_overhead.py: the first fold worker's
+        # start, the last fold's first training step, and this report
+        "worker_start_ts": min(r.get("started", 0.0) for r in rows),
+        "first_step_ts": max(r.get("first_step", 0.0) for r in rows),
+        "report_ts": time.time(),
     }
     for r in rows:
         i = r["fold"]
@@ -67,15 +73,18 @@ def _summarise(rows: list[dict[str, Any]], total_epochs: int) -> dict[str, Any]:
         out[f"fold_{i}_val_loss"] = r["val_loss"]
         out[f"fold_{i}_epoch"] = r["epoch"]
         out[f"fold_{i}_best_epoch"] = r["best_epoch"]
+        out[f"fold_{i}_node"] = r["node"]
     return out
 
 
 def fold_worker(loop_config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs: train fold ``world_rank`` to the end."""
+    started = time.time()
     cfg: Config = from_dict(loop_config["cfg"], where="fold worker")
     prepared: PreparedData = loop_config["prepared"]
     ctx = ray.train.get_context()
     fold, k = ctx.get_world_rank(), ctx.get_world_size()
+    node = ray.get_runtime_context().get_node_id()
     group = dist.new_group(backend="gloo") if dist.is_initialized() else None
     # Ray Train logs every report and checkpoint at INFO, and tees print() through its logger
     # (each line twice in the driver's output); keep the worker's output to one line per epoch.
@@ -100,8 +109,10 @@ def fold_worker(loop_config: dict[str, Any]) -> None:
     if run.history:
         last = run.history[-1]
     failed = ""
+    first_step = 0.0
     while True:
         if not run.done and not failed:
+            first_step = first_step or time.time()
             try:
                 last = run.step()
             except NonFiniteLossError as e:
@@ -116,6 +127,9 @@ def fold_worker(loop_config: dict[str, Any]) -> None:
             "best_epoch": int(run.best_epoch),
             "done": bool(run.done),
             "failed": failed,
+            "started": started,
+            "first_step": first_step,
+            "node": node,
         }
         rows: list[dict[str, Any]] = [mine]
         if k > 1:
@@ -163,6 +177,9 @@ def run_folds(cfg: Config, prepared: PreparedData, *, storage_path: str, name: s
     trainer = make_trainer(cfg, prepared, storage_path=storage_path, name=name, callbacks=callbacks)
     result = trainer.fit()
     ckpt = result.checkpoint
-    local = Path(ckpt.path) if ckpt is not None and "://" not in ckpt.path else None
+    local = None
+    if ckpt is not None:  # on s3:// and the like, download the merged fold checkpoints
+        local = Path(ckpt.to_directory()) if "://" in str(ckpt.path) or \
+            ckpt.filesystem.type_name != "local" else Path(ckpt.path)
     return FoldOutcome(metrics=dict(result.metrics or {}), checkpoint_dir=local)
 

@@ -103,9 +103,10 @@ class ResumableASHA(ASHAScheduler):
     and reloads it on first use; ``pruned_trials.yaml`` lists the trials it stopped (trial id -> epoch).
     """
 
-    def __init__(self, *args: Any, state_dir: str, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, files: cluster.RunFiles, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._state_dir = state_dir
+        self._files = files
+        self._state_dir = str(files.local)
         self._loaded = False
         self.pruned: dict[str, int] = {}
 
@@ -131,6 +132,7 @@ class ResumableASHA(ASHAScheduler):
         tmp = pruned.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.pruned))  # JSON is YAML
         os.replace(tmp, pruned)
+        self._files.push(ASHA_STATE_FILE, PRUNED_FILE)
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         self._load()
@@ -233,8 +235,9 @@ def write_trials_csv(trials: list, space_keys: list[str], path: Path,
 class SearchProgress(tune.Callback):
     """Prints one line per trial epoch and keeps ``trials.csv`` current as trials end."""
 
-    def __init__(self, exp_dir: Path, space_keys: list[str], max_epochs: int) -> None:
-        self.exp_dir, self.space_keys, self.max_epochs = exp_dir, space_keys, max_epochs
+    def __init__(self, files: cluster.RunFiles, space_keys: list[str], max_epochs: int) -> None:
+        self.files, self.space_keys, self.max_epochs = files, space_keys, max_epochs
+        self.exp_dir = files.local
         self.ended: dict[str, str] = {}  # trial id -> completed/failed, as Tune tells us
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
@@ -253,6 +256,7 @@ class SearchProgress(tune.Callback):
         print(f"[trial {trial.trial_id}] {row['status']} after {row['epochs']} epochs, mean F1 "
               f"{text}{why}", flush=True)
         write_trials_csv(trials, self.space_keys, self.exp_dir / "trials.csv", self.ended)
+        self.files.push("trials.csv")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trials, trial, "completed")
@@ -262,6 +266,7 @@ class SearchProgress(tune.Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         write_trials_csv(trials, self.space_keys, self.exp_dir / "trials.csv", self.ended)
+        self.files.push("trials.csv")
 
 
 # ---------------------------------------------------------------------------------- the command
@@ -335,30 +340,28 @@ def _check_same_folds(prepared: PreparedData, path: Path) -> None:
                         "needs the same data (or start a new search with another --name)")
 
 
-def _setup(args: argparse.Namespace) -> tuple[Config, SearchSpace, str, str, Path, int]:
-    """Resolve config, space, storage and name; create or check the experiment directory."""
+def _setup(args: argparse.Namespace) -> tuple[Config, SearchSpace, cluster.RunFiles, int]:
+    """Resolve config, space, storage and name; create or check the experiment's files."""
     if args.demo:
         args.smoke_test = True
-    if args.resume:
-        if not args.name:
-            raise UserError("--resume needs --name NAME of the search to continue")
+    if args.resume and not args.name:
+        raise UserError("--resume needs --name NAME of the search to continue")
     cfg = config_from_args(args)
     storage = cluster.resolve_storage(args.storage_path or cfg.search.storage_path)
     name = args.name or cfg.search.name or time.strftime("search-%Y%m%d-%H%M%S")
-    exp_dir = Path(storage) / name  # (for URIs only used for local bookkeeping checks below)
+    files = cluster.RunFiles(storage, name)
     if args.resume:
-        if cluster.is_uri(storage):
-            raise UserError("--resume with a URI storage path: run the search from a machine that "
-                            "mounts it, or resume with a local/NFS --storage-path")
-        if not (exp_dir / "config.yaml").is_file():
-            raise UserError(f"{exp_dir}: no search named '{name}' to resume there (no config.yaml)")
-        cfg, _ = config_from_yaml_with_extras(exp_dir / "config.yaml")
-        space = load_space(exp_dir / "space.yaml", cfg)
+        if not files.pull("config.yaml", "space.yaml"):
+            raise UserError(f"{files.uri}: no search named '{name}' to resume there "
+                            "(no config.yaml)")
+        files.pull("folds.csv", "trials.csv", ASHA_STATE_FILE, PRUNED_FILE)
+        cfg, _ = config_from_yaml_with_extras(files.local / "config.yaml")
+        space = load_space(files.local / "space.yaml", cfg)
         num_samples = cfg.search.num_samples
         if args.num_samples and args.num_samples != num_samples:
             raise UserError(f"--num-samples {args.num_samples}: this search was started with "
                             f"{num_samples}; a resumed search keeps its number of trials")
-        return cfg, space, storage, name, exp_dir, num_samples
+        return cfg, space, files, num_samples
     if args.demo and not cfg.data.root:
         set_value(cfg, "data.root", _demo_data(cfg.data.seed), where="--demo")
     if not cfg.data.root:
@@ -370,15 +373,27 @@ def _setup(args: argparse.Namespace) -> tuple[Config, SearchSpace, str, str, Pat
     space_path = _resolve_space_path(args.space, cfg, args.smoke_test)
     set_value(cfg, "search.space", str(space_path), where="--space")
     space = load_space(space_path, cfg)
-    if not cluster.is_uri(storage) and exp_dir.exists() and any(exp_dir.iterdir()):
-        raise UserError(f"{exp_dir} already exists: pass --resume to continue that search, or "
+    taken = files.exists("config.yaml") if files.remote else \
+        files.local.exists() and any(files.local.iterdir())
+    if taken:
+        raise UserError(f"{files.uri} already exists: pass --resume to continue that search, or "
                         "another --name")
     cluster.check_storage(storage)
-    if not cluster.is_uri(storage):
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, exp_dir / "config.yaml")
-        shutil.copyfile(space_path, exp_dir / "space.yaml")
-    return cfg, space, storage, name, exp_dir, num_samples
+    return cfg, space, files, num_samples
+
+
+def _create(files: cluster.RunFiles, cfg: Config, space: SearchSpace,
+            prepared: PreparedData) -> None:
+    """A new search's own files, written only once its config, space and data are good."""
+    if files.remote:
+        shutil.rmtree(files.local, ignore_errors=True)  # a stale mirror of an older search
+    files.local.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, files.local / "config.yaml")
+    shutil.copyfile(space.path, files.local / "space.yaml")
+    _write_folds(prepared, files.local / "folds.csv")
+    if prepared.warnings:
+        (files.local / "warnings.txt").write_text("\n".join(prepared.warnings) + "\n")
+    files.push("config.yaml", "space.yaml", "folds.csv", "warnings.txt")
 
 
 def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -396,37 +411,32 @@ def _trainable(cfg: Config, prepared: PreparedData, folds_path: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg, space, storage, name, exp_dir, num_samples = _setup(args)
+    cfg, space, files, num_samples = _setup(args)
+    exp_dir, name = files.local, files.name
     print(f"search '{name}': {num_samples} trials over {', '.join(space.keys)}", flush=True)
     prepared = prepare_data(cfg.data)
     for w in prepared.warnings:
         print(f"warning: {w}", flush=True)
-    if not cluster.is_uri(storage):
-        if args.resume:
-            _check_same_folds(prepared, exp_dir / "folds.csv")
-        else:
-            _write_folds(prepared, exp_dir / "folds.csv")
-            if prepared.warnings:
-                (exp_dir / "warnings.txt").write_text("\n".join(prepared.warnings) + "\n")
+    if args.resume:
+        _check_same_folds(prepared, exp_dir / "folds.csv")
+    else:
+        _create(files, cfg, space, prepared)
     print(f"data: {len(prepared.train)} images in {prepared.n_folds} folds "
           f"({'grouped by subject' if prepared.grouped_by_subject else 'IMAGE-LEVEL, not grouped'})",
           flush=True)
 
     dashboard = cluster.connect(args.address, num_cpus=args.num_cpus)
-    cluster.check_shared_storage(storage)
+    cluster.check_shared_storage(files.storage, cfg)
     concurrent = cluster.max_concurrent_trials(cfg, prepared.n_folds)
     print(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, "
           f"{ray.cluster_resources().get('GPU', 0):g} GPUs; up to {concurrent} trials at once"
           + (f"; dashboard {dashboard}" if dashboard else ""), flush=True)
 
-    folds_path = f"{storage.rstrip('/')}/{name}/folds"
-    trainable = _trainable(cfg, prepared, folds_path)
-    progress = SearchProgress(exp_dir, space.keys, cfg.train.epochs)
-    exp_path = f"{storage.rstrip('/')}/{name}"
+    trainable = _trainable(cfg, prepared, f"{files.uri}/folds")
     if args.resume:
-        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
+        tuner = tune.Tuner.restore(files.uri, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
-        print(f"resuming {exp_path}", flush=True)
+        print(f"resuming {files.uri}", flush=True)
     else:
         searcher = PruneAwareOptunaSearch(
             space=space.optuna_space(), metric=SCORE, mode="max",
@@ -434,25 +444,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             sampler=optuna.samplers.TPESampler(seed=cfg.search.seed))
         scheduler = (ResumableASHA(time_attr="epoch", max_t=cfg.train.epochs,
                                    grace_period=min(cfg.search.grace_period, cfg.train.epochs),
-                                   reduction_factor=cfg.search.reduction_factor,
-                                   state_dir=str(exp_dir))
+                                   reduction_factor=cfg.search.reduction_factor, files=files)
                      if cfg.search.scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(metric=SCORE, mode="max", search_alg=searcher,
                                         scheduler=scheduler, num_samples=num_samples,
                                         max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[progress],
+            run_config=tune.RunConfig(name=name, storage_path=files.storage,
+                                      callbacks=[SearchProgress(files, space.keys,
+                                                                cfg.train.epochs)],
                                       verbose=0),
         )
     tuner.fit()  # a restored tuner keeps the callbacks it was created with (SearchProgress)
 
-    rows = []
-    if not cluster.is_uri(storage):
-        trials_csv = exp_dir / "trials.csv"
-        with trials_csv.open() as f:
-            rows = [_typed(r) for r in csv.DictReader(f)]
-        write_optuna_trials(exp_path, exp_dir / "optuna_trials.csv")
+    with (exp_dir / "trials.csv").open() as f:
+        rows = [_typed(r) for r in csv.DictReader(f)]
+    write_optuna_trials(files.uri, exp_dir / "optuna_trials.csv")
+    files.push("optuna_trials.csv")
     best = _best(rows)
     print(f"\n{len(rows)} trials: " + ", ".join(
         f"{sum(r['status'] == s for r in rows)} {s}" for s in ("completed", "pruned", "failed")))
@@ -460,27 +469,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unfinished or len(rows) < num_samples:
         print(f"search interrupted: {len(rows) - len(unfinished)} of {num_samples} trials ended; "
               f"continue it with: python -m leuk_ray.search --resume --name {name} "
-              f"--storage-path {storage}", flush=True)
+              f"--storage-path {files.storage}", flush=True)
         return 130
     if best is None:
-        print(f"no trial completed; see {exp_dir / 'trials.csv'}", flush=True)
+        print(f"no trial completed; see {files.uri}/trials.csv", flush=True)
         return 1
     best_cfg = apply_params(cfg, {k: best[k] for k in space.keys})
     folds = [best[f"fold_{i}_val_f1"] for i in range(int(best["folds"]))]
     save_config(best_cfg, exp_dir / "best_config.yaml", extra={
         "cv_score": best["mean_val_f1"], "cv_fold_scores": folds, "trial_id": best["trial_id"],
-        "search": str(exp_dir)})
+        "search": files.uri})
+    files.push("best_config.yaml")
     print(f"best trial {best['trial_id']}: mean F1 {best['mean_val_f1']:.4f} "
           f"(folds {', '.join(f'{x:.4f}' for x in folds)})")
     print("  " + ", ".join(f"{k}={best[k]:.4g}" if isinstance(best[k], float) else f"{k}={best[k]}"
                            for k in space.keys))
-    print(f"results:     {exp_dir}")
-    print(f"trials:      {exp_dir / 'trials.csv'}")
-    print(f"best config: {exp_dir / 'best_config.yaml'}")
+    print(f"results:     {files.uri}")
+    print(f"trials:      {files.uri}/trials.csv")
+    print(f"best config: {files.uri}/best_config.yaml")
     if dashboard:
         print(f"dashboard:   {dashboard} (Jobs and Actors pages; runs as long as this Ray does)")
-    print(f"TensorBoard: tensorboard --logdir {exp_dir}")
-    print(f"next:        python -m leuk_ray.final --from {exp_dir}")
+    print(f"TensorBoard: tensorboard --logdir {files.uri}")
+    print(f"next:        python -m leuk_ray.final --from {files.uri}")
     return 0
 
 

@@ -58,9 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("no data: pass --data DIR (or --demo)")
     check_backbone_name(cfg.model.backbone)  # fail before the data is read
 
+    if not args.resume and (out / "config.yaml").exists():
+        raise UserError(f"{out} holds an earlier run: pass --resume to continue it, or another "
+                        "--out")
+    prepared = prepare_data(cfg.data)  # bad data fails here, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    prepared = prepare_data(cfg.data)
     if prepared.warnings:
         (out / "warnings.txt").write_text("\n".join(prepared.warnings) + "\n")
         for w in prepared.warnings:

@@ -51,14 +51,9 @@ def _ended(path: Path) -> int:
     return sum(r["status"] in ("completed", "pruned", "failed") for r in _rows(path))
 
 
-def _result_lines(exp: Path) -> dict[str, int]:
-    """trial id -> number of results it reported (grows if a trial were rerun)."""
-    out = {}
-    for d in exp.glob("trial_fn_*"):
-        tid = d.name.split("_")[2]
-        f = d / "result.json"
-        out[tid] = len(f.read_text().splitlines()) if f.exists() else 0
-    return out
+def _fold_checkpoints(exp: Path) -> dict[str, set[str]]:
+    """trial id -> its fold checkpoint dirs: a trial trained again would add new ones."""
+    return {d.name: {c.name for c in d.glob("checkpoint_*")} for d in (exp / "folds").glob("*")}
 
 
 @pytest.mark.slow
@@ -81,7 +76,7 @@ def test_search_prunes_resumes_and_writes_results(cnmc_root, tmp_path):
     before = _rows(exp / "trials.csv")
     ended_before = {r["trial_id"]: r for r in before if r["status"] in ("completed", "pruned")}
     assert ended_before, before
-    lines_before = _result_lines(exp)
+    lines_before = _fold_checkpoints(exp)
 
     # a search whose name exists is refused without --resume
     again = subprocess.run(_cmd(cnmc_root, storage, "s1", space), capture_output=True, text=True,
@@ -97,7 +92,7 @@ def test_search_prunes_resumes_and_writes_results(cnmc_root, tmp_path):
     for tid, row in ended_before.items():
         now = next(x for x in rows if x["trial_id"] == tid)
         assert now["mean_val_f1"] == row["mean_val_f1"] and now["status"] == row["status"]
-        assert _result_lines(exp)[tid] == lines_before[tid]  # not rerun
+        assert _fold_checkpoints(exp)[tid] == lines_before[tid]  # not rerun
     # every trial has a score per fold; the tiny learning rate was pruned by ASHA
     for row in rows:
         assert row["status"] in ("completed", "pruned"), row

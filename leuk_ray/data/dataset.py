@@ -1,13 +1,14 @@
 """The torch Dataset of cell images (uint8 CHW tensors; normalisation happens on the device)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from leuk_ray.config import DataConfig
+from leuk_ray.data.cache import CachedImages
 from leuk_ray.data.decode import read_image
 from leuk_ray.data.prepare import PreparedData, fold_frames
 from leuk_ray.data.transforms import eval_transform, train_transform
@@ -17,7 +18,8 @@ class CellDataset(torch.utils.data.Dataset):
     """Images with labels; decoded per item, or taken from pre-decoded ``images``.
 
     ``images`` is an (N, size, size, 3) uint8 array or a sequence of such arrays aligned with
-    ``paths``; a ``None`` entry is decoded on demand.
+    ``paths`` (e.g. ``CachedRows``, rows of the node's memory-mapped cache); a ``None`` entry is
+    decoded on demand.
     """
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], size: int, transform=None,
@@ -59,20 +61,27 @@ class CellDataset(torch.utils.data.Dataset):
 
 
 def frame_dataset(df: pd.DataFrame, size: int, transform=None,
-                  images: dict[str, np.ndarray] | None = None) -> CellDataset:
-    """A CellDataset over the rows of an index/fold frame (path, label, subject)."""
-    cached = [images.get(p) for p in df["path"]] if images is not None else None
+                  images: Mapping[str, np.ndarray] | None = None) -> CellDataset:
+    """A CellDataset over the rows of an index/fold frame (path, label, subject).
+
+    ``images`` from ``image_cache`` (a ``CachedImages``) is kept as row numbers into its shared
+    array, so neither building nor pickling the dataset copies the images."""
+    if isinstance(images, CachedImages):
+        cached = images.rows(df["path"].tolist())
+    else:
+        cached = [images.get(p) for p in df["path"]] if images is not None else None
     return CellDataset(df["path"].tolist(), df["label"].tolist(), size, transform,
                        subjects=df["subject"].tolist(), images=cached)
 
 
 def fold_datasets(p: PreparedData, fold: int, dcfg: DataConfig,
-                  images: dict[str, np.ndarray] | None = None,
+                  images: Mapping[str, np.ndarray] | None = None,
                   bad: Sequence[str] = (), seed: int | None = None
                   ) -> tuple[CellDataset, CellDataset]:
     """(train with ``train_transform(dcfg.augment)``, val with ``eval_transform``) of ``fold``.
 
-    ``images`` maps path -> decoded (size, size, 3) image (the cache); paths missing from it are
+    ``images`` maps path -> decoded (size, size, 3) image (a dict, or the ``CachedImages`` of
+    ``image_cache``: the node's memory-mapped cache); paths missing from it are
     decoded per item. Rows in ``bad`` (undecodable, from ``decode_all``) are dropped, with a note in
     ``p.warnings``.
     """

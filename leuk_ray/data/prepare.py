@@ -58,8 +58,10 @@ def split_frames(ix: IndexResult, dcfg: DataConfig) -> PreparedData:
     labels = set(pool["label"])
     if labels != {0, 1}:
         have = "ALL" if 1 in labels else "HEM" if 0 in labels else "no"
+        skipped = (f"; {len(ix.bad_files)} unusable file(s) were skipped, e.g. "
+                   f"{ix.bad_files[0][0]} ({ix.bad_files[0][1]})") if ix.bad_files else ""
         raise UserError(f"{ix.root}: the training images are all of one class ({have} only, "
-                        f"{len(pool)} image(s)); both ALL and HEM are needed")
+                        f"{len(pool)} image(s)); both ALL and HEM are needed{skipped}")
     if dcfg.max_images and len(pool) > dcfg.max_images:
         pool = sample_images(pool, dcfg.max_images, dcfg.seed)
         n_subj = pool["subject"].nunique()

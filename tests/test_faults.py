@@ -1,0 +1,214 @@
+"""Fault tolerance, proven on a real local Ray: killed workers, killed drivers, exploding learning
+rates, a killed final job, unwritable storage.
+
+Slow: each test starts Ray. Processes are killed for real (SIGKILL), nothing is mocked.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+GOOD = "{train.lr: 3.0e-3, train.weight_decay: 0.01}"
+SPACE = """
+params:
+  train.lr:           {type: loguniform, low: 1.0e-4, high: 10.0}
+  train.weight_decay: {type: uniform, low: 0.0, high: 1.0}
+first:
+"""
+
+
+def _space(tmp_path: Path, *points: str) -> Path:
+    p = tmp_path / "space.yaml"
+    p.write_text(SPACE + "".join(f"  - {pt}\n" for pt in points))
+    return p
+
+
+def _search(data: Path, storage: Path, name: str, space: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "leuk_ray.search", "--smoke-test", "--data", str(data),
+            "--space", str(space), "--storage-path", str(storage), "--name", name,
+            "--set", "search.max_concurrent=1", "--set", "search.scheduler=none",
+            "--num-cpus", "2", *extra]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _pids(pattern: str) -> list[int]:
+    """Processes whose command line contains ``pattern`` (Ray names its workers ray::<Actor>)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if pattern in cmd:
+                out.append(int(d.name))
+    return out
+
+
+def _wait(cond, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    raise AssertionError(f"condition not met in {timeout}s (process rc={proc and proc.poll()})\n"
+                         + tail)
+
+
+def _reported_epochs(exp: Path) -> dict[str, list[int]]:
+    out = {}
+    for d in exp.glob("trial_fn_*"):
+        f = d / "result.json"
+        lines = f.read_text().splitlines() if f.exists() else []
+        out[d.name.split("_")[2]] = [json.loads(x)["epoch"] for x in lines]
+    return out
+
+
+def _fold_checkpoints(exp: Path) -> dict[str, set[str]]:
+    """trial id -> its fold checkpoint dirs: a trial trained again would add new ones."""
+    return {d.name: {c.name for c in d.glob("checkpoint_*")} for d in (exp / "folds").glob("*")}
+
+
+def _wait_gone(pattern: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while _pids(pattern) and time.time() < deadline:
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_killed_fold_worker_resumes_from_its_checkpoint(cnmc_root, tmp_path):
+    """SIGKILL one fold worker mid-run: Ray Train restarts the worker group, each fold resumes
+    after its last checkpointed epoch, and the trial finishes with every epoch reported once."""
+    storage, log = tmp_path / "results", tmp_path / "search.log"
+    exp = storage / "w"
+    cmd = _search(cnmc_root, storage, "w", _space(tmp_path, GOOD), "--num-samples", "1",
+                  "--set", "data.max_images=400")
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT,
+                                start_new_session=True)
+        try:
+            # two epochs checkpointed, so the kill lands in a later epoch
+            _wait(lambda: any(len(v) >= 2 for v in _reported_epochs(exp).values()), 400, proc, log)
+            workers = _pids("RayTrainWorker")
+            assert workers, "no Ray Train worker process found"
+            os.kill(workers[0], signal.SIGKILL)
+            proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    rows = _rows(exp / "trials.csv")
+    assert len(rows) == 1 and rows[0]["status"] == "completed", rows
+    assert int(rows[0]["epochs"]) == 6
+    assert "resuming after epoch" in text  # the restarted workers loaded their fold checkpoints
+    (epochs,) = _reported_epochs(exp).values()
+    # no epoch beyond the last checkpoint was trained (and reported) twice
+    assert epochs == sorted(set(epochs)) and epochs[-1] == 6, epochs
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_and_exploding_trial_is_pruned(cnmc_root, tmp_path):
+    """SIGKILL the search driver after its first trial finished; --resume runs the rest. The
+    second trial's learning rate makes the weights diverge: it ends pruned with the reason, and
+    the best config is the first trial's."""
+    storage, log = tmp_path / "results", tmp_path / "first.log"
+    exp = storage / "d"
+    space = _space(tmp_path, GOOD, "{train.lr: 10.0, train.weight_decay: 1.0}")
+    cmd = _search(cnmc_root, storage, "d", space, "--num-samples", "2",
+                  "--set", "data.max_images=160", "--set", "train.scheduler=none")
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
+        try:
+            _wait(lambda: any(r["status"] == "completed" for r in _rows(exp / "trials.csv")),
+                  400, proc, log)
+            time.sleep(3)  # let Tune write its experiment state after the trial ended
+            os.kill(proc.pid, signal.SIGKILL)  # the driver only: Ray's own processes are orphaned
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    _wait_gone("RayTrainWorker")  # Ray's reaper takes the orphaned cluster down
+    first = {r["trial_id"]: r for r in _rows(exp / "trials.csv") if r["status"] == "completed"}
+    before = _fold_checkpoints(exp)
+
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=ROOT, env=ENV,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+    rows = {row["trial_id"]: row for row in _rows(exp / "trials.csv")}
+    assert len(rows) == 2  # the union of trials is --num-samples
+    for tid, row in first.items():  # finished trials kept, not rerun
+        assert rows[tid]["mean_val_f1"] == row["mean_val_f1"]
+        assert _fold_checkpoints(exp)[tid] == before[tid]
+    bad = next(row for row in rows.values() if float(row["train.lr"]) > 1)
+    good = next(row for row in rows.values() if float(row["train.lr"]) < 1)
+    assert bad["status"] == "pruned" and "non-finite" in bad["reason"], bad
+    assert good["status"] == "completed"
+    best = yaml.safe_load((exp / "best_config.yaml").read_text())
+    assert best["trial_id"] == good["trial_id"]
+    assert best["cv_score"] == pytest.approx(float(good["mean_val_f1"]))
+    states = {round(float(o["params_train/lr"]), 6): o["state"]
+              for o in _rows(exp / "optuna_trials.csv")}
+    assert states[10.0] == "PRUNED" and states[0.003] == "COMPLETE"
+
+
+@pytest.mark.slow
+def test_killed_final_leaves_no_artifact_and_rerun_completes(cnmc_root, tmp_path):
+    art, log = tmp_path / "artifact", tmp_path / "final.log"
+    runs = tmp_path / ".artifact.runs"
+    cmd = [sys.executable, "-m", "leuk_ray.final", "--smoke-test", "--data", str(cnmc_root),
+           "--out", str(art), "--set", "data.max_images=400", "--no-tta", "--num-cpus", "2"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT,
+                                start_new_session=True)
+        try:
+            _wait(lambda: len(list(runs.glob("final-*/checkpoint_*"))) >= 2, 400, proc, log)
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole job: driver, Ray and its workers
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    _wait_gone("RayTrainWorker")
+    assert not art.exists()  # nothing that looks like an artifact
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+    assert "resuming after epoch" in r.stdout + r.stderr  # the rerun continued the folds
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert len(manifest["folds"]) == 2 and (art / "fold_1.pt").exists()
+
+
+@pytest.mark.parametrize("case", ["unwritable", "disk_full"])
+def test_bad_storage_fails_before_any_training(synth_root, tmp_path, case):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    storage = blocker / "results" if case == "unwritable" else tmp_path / "results"
+    env = {**ENV, "LEUK_RAY_MIN_FREE_MB": "1e12"} if case == "disk_full" else ENV
+    r = subprocess.run([sys.executable, "-m", "leuk_ray.search", "--smoke-test", "--data",
+                        str(synth_root), "--storage-path", str(storage), "--name", "x"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(storage) in lines[0], r.stderr
+    assert ("cannot write there" if case == "unwritable" else "MiB free") in lines[0]
+    assert "Started a local Ray" not in r.stdout + r.stderr  # refused before Ray or training
