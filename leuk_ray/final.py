@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     tta.add_argument("--tta", dest="tta", action="store_true", default=None,
                      help="also evaluate with test-time augmentation (default: final.tta)")
     tta.add_argument("--no-tta", dest="tta", action="store_false", help="skip the TTA evaluation")
+    p.add_argument("--compare", metavar="SEARCH_DIR", default=None,
+                   help="also build the ensemble of this search's best config on the same folds "
+                        "and write comparison.md (did the search beat this config/preset?)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=float, default=None, help=argparse.SUPPRESS)
@@ -85,7 +88,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
         set_value(cfg, "train.epochs", cfg.final.epochs, where="final.epochs")
     if args.tta is not None:
         set_value(cfg, "final.tta", args.tta, where="--tta")
-    if not cfg.data.root:
+    if not cfg.data.root and not getattr(args, "compare", None):
         raise UserError("no data: pass --data DIR (or a config whose data.root is set)")
     return cfg, source
 
@@ -157,30 +160,13 @@ def _fmt(m: dict | None) -> str:
             f"spec {m['specificity']:.4f}  ECE {m['ece']:.4f}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg, source = resolve_config(args)
-    target = args.out or cfg.final.out or (f"{args.from_dir.rstrip('/')}/ensemble"
-                                           if args.from_dir else
-                                           time.strftime("runs/final-%Y%m%d-%H%M%S"))
-    files = cluster.RunFiles.from_path(target)  # s3:// artifacts are built locally, then uploaded
-    out = files.local
-    print(f"final: config from {source or args.preset or 'defaults'}; artifact -> {files.uri}",
-          flush=True)
-    prepared = prepare_data(cfg.data)  # refuses test subjects that also appear in training
-    for w in prepared.warnings:
-        print(f"warning: {w}", flush=True)
-    n_test = 0 if prepared.test is None else int((prepared.test["label"] >= 0).sum())
-    print(f"data: {len(prepared.train)} images in {prepared.n_folds} folds, {n_test} labelled test "
-          "images", flush=True)
-
+def build_final(cfg: Config, prepared: PreparedData, files: cluster.RunFiles,
+                *, label: str = "") -> dict[str, Any]:
+    """Train the folds, calibrate on OOF, evaluate, write the artifact; returns its metrics."""
     runs = f"{files.storage}/.{files.name}.runs"  # fold checkpoints: a rerun resumes from them
-    cluster.check_storage(files.storage)
-    dashboard = cluster.connect(args.address, num_cpus=args.num_cpus)
-    cluster.check_shared_storage(files.storage, cfg)
     name = _run_name(cfg, prepared)
-    print(f"training {prepared.n_folds} fold models in parallel (run {runs}/{name})"
-          + (f"; dashboard {dashboard}" if dashboard else ""), flush=True)
+    print(f"{label}training {prepared.n_folds} fold models in parallel (run {runs}/{name})",
+          flush=True)
     outcome = run_folds(cfg, prepared, storage_path=runs, name=name)
     if outcome.metrics.get("pruned_reason"):
         raise UserError(f"final training failed: {outcome.metrics['pruned_reason']}")
@@ -228,12 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                      fold_scores=fold_scores, subjects=list(subj), temperature=temperature,
                      comparison=comparison)
 
-    save_artifact(out, cfg=cfg, fold_states=[s["best_state"] for s in states],
+    save_artifact(files.local, cfg=cfg, fold_states=[s["best_state"] for s in states],
                   fold_scores=fold_scores, temperature=temperature, threshold=threshold,
                   metrics=metrics, write_report=report)
     files.push("")  # to s3:// etc.: every file, manifest.json last
 
-    print(f"\nout-of-fold ({len(oof['label'])} images): {_fmt(oof_metrics)}")
+    print(f"\n{label}out-of-fold ({len(oof['label'])} images): {_fmt(oof_metrics)}")
     print(f"temperature {temperature:.3f}, threshold {threshold:.3f} (chosen on out-of-fold data)")
     for i, s in enumerate(fold_scores):
         print(f"fold {i}: val F1 {s['val_f1']:.4f} (best epoch {s['best_epoch']})"
@@ -246,8 +232,98 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print("no labelled test set: evaluated on out-of-fold predictions only")
     print(f"artifact: {files.uri}")
-    print(f"report:   {files.uri}/report/report.md")
-    print(f"predict:  python -m leuk_ray.predict --model {out} IMAGES_OR_FOLDERS")
+    return metrics
+
+
+# the data keys that define the folds: a comparison trains both configs on the same folds
+FOLD_KEYS = ("root", "folds", "split", "holdout", "seed", "max_images", "max_bad_fraction")
+
+
+def write_comparison(out: Path, named: dict[str, dict[str, Any]]) -> Path:
+    """comparison.md / comparison.json: per-fold and ensemble scores of each config side by side."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.json").write_text(json.dumps(named, indent=2, default=str))
+    names = list(named)
+    md = ["# Did the search help?", "",
+          "Both configs trained on the same subject-grouped folds and evaluated on the same "
+          "held-out test set.", "",
+          "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+
+    def row(label: str, get) -> None:
+        vals = []
+        for n in names:
+            try:
+                v = get(named[n])
+                vals.append(f"{v:.4f}" if isinstance(v, float) else str(v))
+            except (KeyError, IndexError, TypeError):
+                vals.append("-")
+        md.append(f"| {label} | " + " | ".join(vals) + " |")
+
+    k = max(len(m["folds"]) for m in named.values())
+    for i in range(k):
+        row(f"fold {i} validation F1", lambda m, i=i: m["folds"][i]["val_f1"])
+    row("mean validation F1 (CV)", lambda m: float(np.mean([f["val_f1"] for f in m["folds"]])))
+    row("out-of-fold F1 (calibrated)", lambda m: m["oof"]["f1"])
+    for i in range(k):
+        row(f"fold {i} test F1", lambda m, i=i: m["test"]["folds"][i]["f1"])
+    for key, label in (("ensemble", "ensemble"), ("ensemble_tta", "ensemble + TTA")):
+        for metric in ("f1", "accuracy", "auc", "sensitivity", "specificity", "ece"):
+            row(f"test {label} {metric}", lambda m, key=key, metric=metric: m["test"][key][metric])
+    md += ["", "Artifacts: " + ", ".join(f"`{n}/`" for n in names) + "."]
+    p = out / "comparison.md"
+    p.write_text("\n".join(md) + "\n")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg, source = resolve_config(args)
+    compare_cfg = None
+    if args.compare:
+        search = cluster.RunFiles.from_path(args.compare)
+        if not search.pull("best_config.yaml"):
+            raise UserError(f"{search.uri}/best_config.yaml: not found; --compare takes a finished "
+                            "search's directory")
+        compare_cfg, _ = config_from_yaml_with_extras(search.local / "best_config.yaml")
+        for key in FOLD_KEYS:  # the same folds for both
+            set_value(cfg, f"data.{key}", getattr(compare_cfg.data, key), where="--compare")
+        if args.data:
+            set_value(compare_cfg, "data.root", args.data, where="--data")
+            set_value(cfg, "data.root", args.data, where="--data")
+    default = (f"{args.from_dir.rstrip('/')}/ensemble" if args.from_dir else
+               time.strftime("runs/final-%Y%m%d-%H%M%S"))
+    target = args.out or cfg.final.out or default
+    files = cluster.RunFiles.from_path(target)  # s3:// artifacts are built locally, then uploaded
+    print(f"final: config from {source or args.preset or 'defaults'}; artifact -> {files.uri}",
+          flush=True)
+    prepared = prepare_data(cfg.data)  # refuses test subjects that also appear in training
+    for w in prepared.warnings:
+        print(f"warning: {w}", flush=True)
+    n_test = 0 if prepared.test is None else int((prepared.test["label"] >= 0).sum())
+    print(f"data: {len(prepared.train)} images in {prepared.n_folds} folds, {n_test} labelled test "
+          "images", flush=True)
+    cluster.check_storage(files.storage)
+    dashboard = cluster.connect(args.address, num_cpus=args.num_cpus)
+    if dashboard:
+        print(f"dashboard: {dashboard}", flush=True)
+    cluster.check_shared_storage(files.storage, cfg)
+
+    if compare_cfg is None:
+        build_final(cfg, prepared, files)
+        print(f"report:   {files.uri}/report/report.md")
+        print(f"predict:  python -m leuk_ray.predict --model {files.local} IMAGES_OR_FOLDERS")
+        return 0
+    mine = args.preset or (source.stem if source else "config")
+    both = {mine: (cfg, prepared), "search": (compare_cfg, prepare_data(compare_cfg.data))}
+    results = {}
+    for n, (c, p) in both.items():
+        sub = cluster.RunFiles(files.uri, n)
+        results[n] = build_final(c, p, sub, label=f"[{n}] ")
+    files.local.mkdir(parents=True, exist_ok=True)
+    report = write_comparison(files.local, results)
+    files.push("comparison.md", "comparison.json")
+    print(f"\ncomparison: {files.uri}/comparison.md")
+    print(report.read_text())
     return 0
 
 

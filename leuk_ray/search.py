@@ -417,16 +417,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepared = prepare_data(cfg.data)
     for w in prepared.warnings:
         print(f"warning: {w}", flush=True)
+    print(f"data: {len(prepared.train)} images in {prepared.n_folds} folds "
+          f"({'grouped by subject' if prepared.grouped_by_subject else 'IMAGE-LEVEL, not grouped'})",
+          flush=True)
+    dashboard = cluster.connect(args.address, num_cpus=args.num_cpus)
+    cluster.check_shared_storage(files.storage, cfg)
     if args.resume:
         _check_same_folds(prepared, exp_dir / "folds.csv")
     else:
         _create(files, cfg, space, prepared)
-    print(f"data: {len(prepared.train)} images in {prepared.n_folds} folds "
-          f"({'grouped by subject' if prepared.grouped_by_subject else 'IMAGE-LEVEL, not grouped'})",
-          flush=True)
-
-    dashboard = cluster.connect(args.address, num_cpus=args.num_cpus)
-    cluster.check_shared_storage(files.storage, cfg)
     concurrent = cluster.max_concurrent_trials(cfg, prepared.n_folds)
     print(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, "
           f"{ray.cluster_resources().get('GPU', 0):g} GPUs; up to {concurrent} trials at once"

@@ -74,3 +74,32 @@ def test_final_smoke_on_real_sample_then_predict_reproduces_metrics(cnmc_root, t
                for x in rows)
     ens = load_artifact(art)
     assert ens.threshold == manifest["threshold"] and len(ens.models) == 2
+
+
+@pytest.mark.slow
+def test_final_preset_compared_with_a_search_on_the_same_folds(cnmc_root, tmp_path):
+    from leuk_ray.config import load_config, save_config
+
+    search = tmp_path / "search"
+    best = load_config(None, [f"data.root={cnmc_root}", "data.max_images=120", "train.epochs=2",
+                              "train.lr=0.003"], smoke=True)
+    save_config(best, search / "best_config.yaml", extra={"cv_score": 0.5, "trial_id": "t0"})
+    out = tmp_path / "cmp"
+    r = subprocess.run([sys.executable, "-m", "leuk_ray.final", "--preset", "seed000",
+                        "--smoke-test", "--compare", str(search), "--out", str(out), "--no-tta",
+                        "--set", "train.epochs=2", "--num-cpus", "2"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    md = (out / "comparison.md").read_text()
+    assert "| | seed000 | search |" in md and "test ensemble f1" in md
+    for name in ("seed000", "search"):
+        assert (out / name / "manifest.json").is_file()
+    # the same folds: the out-of-fold rows of both ensembles are the same images in the same folds
+    folds = {}
+    for name in ("seed000", "search"):
+        with (out / name / "oof.csv").open() as f:
+            folds[name] = sorted((row["path"], row["fold"]) for row in csv.DictReader(f))
+    assert folds["seed000"] == folds["search"]
+    cmp = json.loads((out / "comparison.json").read_text())
+    assert set(cmp) == {"seed000", "search"}
+    assert cmp["seed000"]["folds"][0]["epochs"] <= 2
