@@ -314,11 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"predict:  python -m leuk_ray.predict --model {files.local} IMAGES_OR_FOLDERS")
         return 0
     mine = args.preset or (source.stem if source else "config")
-    both = {mine: (cfg, prepared), "search": (compare_cfg, prepare_data(compare_cfg.data))}
+    # the split depends only on FOLD_KEYS, which both configs share: one split serves both
     results = {}
-    for n, (c, p) in both.items():
-        sub = cluster.RunFiles(files.uri, n)
-        results[n] = build_final(c, p, sub, label=f"[{n}] ")
+    for n, c in {mine: cfg, "search": compare_cfg}.items():
+        results[n] = build_final(c, prepared, cluster.RunFiles(files.uri, n), label=f"[{n}] ")
     files.local.mkdir(parents=True, exist_ok=True)
     report = write_comparison(files.local, results)
     files.push("comparison.md", "comparison.json")
