@@ -5,7 +5,8 @@ epoch the workers exchange their fold metrics with ``all_gather_object`` over a 
 also works beside CUDA, where NCCL cannot gather CPU objects), and every worker calls
 ``ray.train.report`` once (it is a barrier), attaching ``fold_<i>.pt`` so that Ray merges one
 checkpoint directory holding every fold. A restarted worker group (``FailureConfig``) or a restored
-run finds its fold's state there and continues after the last finished epoch.
+run finds its fold's state there and continues after the last finished epoch; a run restored after
+all its folds had finished trains nothing and writes no new checkpoint.
 
 A fold that stops early keeps reporting its best score until every fold is done. A fold whose loss
 turns non-finite ends the run for all folds with ``pruned_reason`` set (the search marks the trial
@@ -111,7 +112,8 @@ def fold_worker(loop_config: dict[str, Any]) -> None:
     failed = ""
     first_step = 0.0
     while True:
-        if not run.done and not failed:
+        stepped = not run.done and not failed
+        if stepped:
             first_step = first_step or time.time()
             try:
                 last = run.step()
@@ -130,15 +132,24 @@ def fold_worker(loop_config: dict[str, Any]) -> None:
             "started": started,
             "first_step": first_step,
             "node": node,
+            "stepped": stepped,
         }
         rows: list[dict[str, Any]] = [mine]
         if k > 1:
             rows = [None] * k  # type: ignore[list-item]
             dist.all_gather_object(rows, mine, group=group)
         summary = _summarise(rows, cfg.train.epochs)
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(run.state_dict(), Path(tmp) / fold_file(fold))
-            ray.train.report(summary, checkpoint=Checkpoint.from_directory(tmp))
+        if any(r["stepped"] for r in rows):
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(run.state_dict(), Path(tmp) / fold_file(fold))
+                ray.train.report(summary, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            # Nothing trained this round: a run restored after it had already finished (the search
+            # driver died after the trial ended but before Tune recorded it). Report the same
+            # metrics again, but no new checkpoint: the restored one stays the latest, nothing is
+            # retrained and nothing the finished trial left is rotated away. Every rank takes the
+            # same branch (decided on the gathered rows), so Ray never merges a partial checkpoint.
+            ray.train.report(summary)
         if summary["pruned_reason"] or summary["folds_done"] == k:
             break
 

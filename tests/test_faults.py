@@ -143,7 +143,9 @@ def test_killed_driver_resumes_and_exploding_trial_is_pruned(cnmc_root, tmp_path
         try:
             _wait(lambda: any(r["status"] == "completed" for r in _rows(exp / "trials.csv")),
                   400, proc, log)
-            time.sleep(3)  # let Tune write its experiment state after the trial ended
+            # No grace period: Tune saves its experiment state at most every 10 s, so the driver
+            # usually dies before Tune has recorded the trial as ended and --resume restarts it.
+            # The restarted trial must find its folds finished and train nothing.
             os.kill(proc.pid, signal.SIGKILL)  # the driver only: Ray's own processes are orphaned
             proc.wait(timeout=60)
         finally:
@@ -171,6 +173,34 @@ def test_killed_driver_resumes_and_exploding_trial_is_pruned(cnmc_root, tmp_path
     states = {round(float(o["params_train/lr"]), 6): o["state"]
               for o in _rows(exp / "optuna_trials.csv")}
     assert states[10.0] == "PRUNED" and states[0.003] == "COMPLETE"
+
+
+@pytest.mark.slow
+def test_finished_fold_run_restarted_trains_nothing_and_keeps_its_checkpoints(cnmc_root, tmp_path):
+    """The deterministic core of "finished trials are not rerun": a fold run started again under
+    the same name after it finished (what a resumed search does with a trial whose end Tune had
+    not yet recorded) trains no epoch, writes no checkpoint, and returns the same metrics."""
+    import ray
+
+    from leuk_ray.config import load_config
+    from leuk_ray.data import prepare_data
+    from leuk_ray.fold_trainer import run_folds
+
+    cfg = load_config(smoke=True, overrides=[f"data.root={cnmc_root}", "data.max_images=120",
+                                             "train.epochs=2", "train.scheduler=none"])
+    prepared = prepare_data(cfg.data)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        first = run_folds(cfg, prepared, storage_path=str(tmp_path), name="f")
+        before = {c.name for c in (tmp_path / "f").glob("checkpoint_*")}
+        again = run_folds(cfg, prepared, storage_path=str(tmp_path), name="f")
+    finally:
+        ray.shutdown()
+    assert first.metrics["trial_finished"] and first.metrics["epoch"] == 2
+    assert {c.name for c in (tmp_path / "f").glob("checkpoint_*")} == before
+    assert again.checkpoint_dir is not None and again.checkpoint_dir.name in before
+    for key in ("mean_val_f1", "epoch", "fold_0_val_f1", "fold_1_val_f1", "trial_finished"):
+        assert again.metrics[key] == first.metrics[key], key
 
 
 @pytest.mark.slow
