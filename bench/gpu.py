@@ -38,7 +38,7 @@ def train_rate(batch: int, steps: int, size: int = 300, train: bool = True) -> f
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = make_grad_scaler(dev, amp)
-    x8 = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8).pin_memory()
+    x8 = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8).pin_memory()  # BHWC
     y = torch.randint(0, 2, (batch,), device=dev)
     model.train(train)
 

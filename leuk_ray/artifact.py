@@ -80,7 +80,7 @@ class Ensemble:
                 device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(calibrated ensemble P(ALL) per row, uncalibrated per-fold P(ALL) of shape (k, N)).
 
-        ``ds`` yields (uint8 CHW image at ``image_size``, label), like ``CellDataset``.
+        ``ds`` yields (uint8 HWC image at ``image_size``, label), like ``CellDataset``.
         """
         if device is not None and resolve_device(device) != self.device:
             self.to(device)

@@ -111,7 +111,7 @@ def test_over_budget_falls_back_with_message(synth_root: Path, cache_dir: Path, 
     assert out.count("\n") == 1 and "image cache off" in out and "data.cache_mb = 0" in out
     assert not cache_dir.exists()
     tr, _ = fold_datasets(p, 0, d, images=images)
-    assert tr[0][0].shape == (3, SIZE, SIZE)  # decoded per item
+    assert tr[0][0].shape == (SIZE, SIZE, 3)  # decoded per item
 
     on = dcfg(synth_root, cache="on", cache_mb=0)  # on: built anyway, said so
     images, _ = image_cache(on, p)
@@ -136,7 +136,7 @@ def test_unwritable_cache_dir_falls_back(synth_root: Path, tmp_path: Path,
     path = p.train["path"].iloc[0]
     assert np.array_equal(images[path], read_image(path, SIZE))
     _, va = fold_datasets(p, 0, d, images=images)
-    assert va[0][0].shape == (3, SIZE, SIZE)
+    assert va[0][0].shape == (SIZE, SIZE, 3)
 
 
 def test_dataset_over_memmap_matches_decoding(synth_root: Path, cache_dir: Path) -> None:

@@ -387,7 +387,7 @@ def test_fold_datasets_and_model_input(synth_root: Path) -> None:
     tr, va = fold_datasets(p, 1, d)
     assert isinstance(tr, CellDataset) and len(tr) + len(va) == len(p.train)
     x, y = tr[0]
-    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and y in (0, 1)
+    assert x.shape == (32, 32, 3) and x.dtype == torch.uint8 and y in (0, 1)
     assert tr.labels.dtype == np.int64 and tr.subjects[0] != ""
     assert set(va.subjects).isdisjoint(tr.subjects)
 
@@ -402,12 +402,51 @@ def test_fold_datasets_and_model_input(synth_root: Path) -> None:
     batch = torch.stack([va[i][0] for i in range(4)])
     z = to_model_input(batch, "cpu", channels_last=True)
     assert z.dtype == torch.float32 and z.is_contiguous(memory_format=torch.channels_last)
-    black = to_model_input(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), "cpu")
+    black = to_model_input(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), "cpu")
     assert torch.allclose(black[0, :, 0, 0], -torch.tensor(IMAGENET_MEAN) /
                           torch.tensor((0.229, 0.224, 0.225)), atol=1e-5)
     for name in ("seed000", "light", "none"):
         out = train_transform(name, 32, seed=0)(image=read_image(paths[0], 32))["image"]
         assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+def test_fast_d4_is_albumentations_d4_with_opencv_kernels() -> None:
+    """Same pixels for each of the 8 group elements, and the same draws from the same seed."""
+    import albumentations as A
+    from albumentations.augmentations.geometric import functional as fgeometric
+
+    from leuk_ray.data.transforms import _D4_CV2, FastD4
+
+    rng = np.random.default_rng(0)
+    for shape in [(6, 6, 3), (5, 7, 3), (5, 7), (4, 4, 1), (6, 6, 4)]:
+        img = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        for g in _D4_CV2:
+            want = fgeometric.d4(img, g)
+            got = FastD4(p=1).apply(img, g)
+            assert got.shape == want.shape and np.array_equal(got, want), (shape, g)
+    img = rng.integers(0, 256, size=(9, 9, 3), dtype=np.uint8)
+    fast, ref = A.Compose([FastD4(p=1)], seed=3), A.Compose([A.D4(p=1)], seed=3)
+    outs = [fast(image=img)["image"] for _ in range(40)]
+    assert all(np.array_equal(a, ref(image=img)["image"]) for a in outs)
+    assert len({a.tobytes() for a in outs}) == 8  # every element of the group is drawn
+
+
+def test_model_input_is_bhwc_permuted_on_the_device() -> None:
+    import torch
+
+    from leuk_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+
+    x = torch.randint(0, 256, (2, 5, 7, 3), dtype=torch.uint8)
+    want = (x.permute(0, 3, 1, 2).float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) \
+        / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    nchw, nhwc = to_model_input(x, "cpu"), to_model_input(x, "cpu", channels_last=True)
+    assert nchw.shape == nhwc.shape == (2, 3, 5, 7) and nchw.is_contiguous()
+    assert nhwc.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(nchw, want, atol=1e-5) and torch.equal(nchw, nhwc)
+    with pytest.raises(ValueError, match="BHWC"):
+        to_model_input(x.permute(0, 3, 1, 2).contiguous(), "cpu")  # a CHW batch is refused
+    with pytest.raises(TypeError, match="uint8"):
+        to_model_input(x.float(), "cpu")
 
 
 def test_hash_cache_follows_file_changes(synth_root: Path, tmp_path: Path, monkeypatch) -> None:

@@ -32,7 +32,7 @@ class Cells(Dataset):
     def __init__(self, n: int = 16, size: int = 32, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         self.labels = np.arange(n, dtype=np.int64) % 2
-        x = torch.randint(0, 100, (n, 3, size, size), generator=g, dtype=torch.uint8)
+        x = torch.randint(0, 100, (n, size, size, 3), generator=g, dtype=torch.uint8)  # HWC
         x[torch.from_numpy(self.labels == 1)] += 120
         self.images = x
         self.subjects = [f"S{i % 4}" for i in range(n)]

@@ -1,4 +1,4 @@
-"""The torch Dataset of cell images (uint8 CHW tensors; normalisation happens on the device)."""
+"""The torch Dataset of cell images (uint8 HWC tensors; layout and normalisation on the device)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -57,7 +57,9 @@ class CellDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             self._reseed()
             img = self.transform(image=img)["image"]
-        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), int(self.labels[i])
+        # HWC as it is: no per-image CHW copy on the CPU (to_model_input permutes on the device).
+        # Rows of the read-only memory-mapped cache are copied (a writable tensor for collate).
+        return torch.from_numpy(np.require(img, np.uint8, ["C", "W"])), int(self.labels[i])
 
 
 def frame_dataset(df: pd.DataFrame, size: int, transform=None,

@@ -1,7 +1,13 @@
-"""Albumentations pipelines on uint8 HWC (no normalisation) and the on-device normalisation."""
+"""Albumentations pipelines on uint8 HWC (no normalisation) and the on-device normalisation.
+
+Batches leave the CPU as uint8 BHWC: no float work and no HWC->CHW copy per image on the CPU
+(that copy alone cost as much as the geometric augmentations at 300 px). ``to_model_input``
+permutes on the device, which yields channels-last strides for free.
+"""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check on import
 
@@ -14,12 +20,39 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTS = ("seed000", "light", "none")
 
 
+_D4_CV2 = {  # albumentations' group elements as OpenCV kernels (same output as fgeometric.d4)
+    "e": lambda x: x,
+    "r90": lambda x: cv2.rotate(x, cv2.ROTATE_90_COUNTERCLOCKWISE),  # np.rot90(x, 1)
+    "r180": lambda x: cv2.rotate(x, cv2.ROTATE_180),
+    "r270": lambda x: cv2.rotate(x, cv2.ROTATE_90_CLOCKWISE),
+    "v": lambda x: cv2.flip(x, 0),  # upside down
+    "h": lambda x: cv2.flip(x, 1),  # mirrored left-right
+    "t": cv2.transpose,  # main diagonal
+    "hvt": lambda x: cv2.transpose(cv2.rotate(x, cv2.ROTATE_180)),  # anti-diagonal
+}
+
+
+class FastD4(A.D4):
+    """``A.D4`` (one of the 8 rotations/reflections, uniformly) with OpenCV kernels.
+
+    The same random draw and the same pixels as ``A.D4``, about 10x faster on uint8 HWC images
+    (``np.rot90`` + a contiguous copy costs ~0.5 ms at 300 px, ``cv2.rotate`` ~0.04 ms). Other
+    dtypes and shapes (batches, volumes, >4 channels) go through albumentations' own code.
+    """
+
+    def apply(self, img: Any, group_element: str, **params: Any) -> Any:
+        if img.dtype == "uint8" and img.ndim in (2, 3) and (img.ndim == 2 or img.shape[2] <= 4):
+            out = _D4_CV2[group_element](img)
+            return out[..., None] if img.ndim == 3 and out.ndim == 2 else out
+        return super().apply(img, group_element, **params)
+
+
 def _geometric() -> list:
     # Cells sit on black: rotations and flips are free; shifts/zooms stay small, borders stay black.
+    # Seed 000 used RandomRotate90 + HorizontalFlip(0.5) + VerticalFlip(0.5): that draws each of the
+    # 8 elements of the square's symmetry group with probability 1/8, exactly what D4 draws.
     return [
-        A.RandomRotate90(p=1.0),
-        A.HorizontalFlip(p=0.5),
-        A.VerticalFlip(p=0.5),
+        FastD4(p=1.0),
         A.Affine(translate_percent=(-0.05, 0.05), scale=(0.9, 1.1), rotate=(-15, 15),
                  border_mode=cv2.BORDER_CONSTANT, fill=0, p=0.5),
     ]
@@ -51,9 +84,16 @@ _STATS: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
 def to_model_input(x: torch.Tensor, device: torch.device | str,
                    channels_last: bool = False) -> torch.Tensor:
-    """uint8 BCHW -> float32 BCHW on ``device``, scaled to [0, 1] and ImageNet-normalised."""
+    """uint8 BHWC (as ``CellDataset`` batches come) -> ImageNet-normalised float32 BCHW on ``device``.
+
+    The uint8 batch crosses to the device (4x fewer bytes than float), is permuted there (a view
+    with channels-last strides) and converted; ``channels_last=False`` makes it NCHW-contiguous.
+    """
     if x.dtype != torch.uint8:
         raise TypeError(f"to_model_input expects uint8 images, got {x.dtype}")
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"to_model_input expects a BHWC batch of RGB images, got shape "
+                         f"{tuple(x.shape)}")
     dev = torch.device(device)
     key = (str(dev), torch.float32)
     if key not in _STATS:
@@ -61,7 +101,6 @@ def to_model_input(x: torch.Tensor, device: torch.device | str,
         inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1) * 255.0)
         _STATS[key] = (mean, inv_std)
     mean, inv_std = _STATS[key]
-    out = x.to(dev, non_blocking=True).to(torch.float32).sub_(mean).mul_(inv_std)
-    if channels_last:
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.to(dev, non_blocking=True).permute(0, 3, 1, 2)  # a view: BCHW shape, channels-last strides
+    return x.to(torch.float32, memory_format=layout).sub_(mean).mul_(inv_std)
