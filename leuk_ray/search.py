@@ -27,7 +27,6 @@ import optuna
 import yaml
 import ray
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -36,8 +35,9 @@ from leuk_ray.cli import common_parser, config_from_args, run_main
 from leuk_ray.config import Config, config_from_yaml_with_extras, save_config, set_value
 from leuk_ray.data import PreparedData, prepare_data
 from leuk_ray.errors import UserError
-from leuk_ray.fold_trainer import SCORE, make_trainer
+from leuk_ray.fold_trainer import SCORE
 from leuk_ray.search_space import SearchSpace, apply_params, load_space
+from leuk_ray.trial import trial_fn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOKE_SPACE = "search_spaces/smoke.yaml"
@@ -45,20 +45,6 @@ SMOKE_SPACE = "search_spaces/smoke.yaml"
 # later uploads them back, which would overwrite these with the copies from restore time.
 PRUNED_FILE = "pruned_trials.yaml"
 ASHA_STATE_FILE = "asha_state.pickle"
-
-
-# ------------------------------------------------------------------------------------ the trial
-def trial_fn(params: dict[str, Any], *, base: Config, prepared: PreparedData, folds_path: str) -> None:
-    """One Tune trial: the base config with this trial's values, trained on all folds by Ray Train.
-
-    The inner run is named after the trial, so a trial restarted by ``--resume`` resumes its folds
-    from their last checkpoints instead of starting again.
-    """
-    cfg = apply_params(base, params)
-    trial_id = tune.get_context().get_trial_id()
-    trainer = make_trainer(cfg, prepared, storage_path=folds_path, name=trial_id,
-                           callbacks=[TuneReportCallback()])
-    trainer.fit()
 
 
 # ------------------------------------------------------------------------------- Optuna, pruning

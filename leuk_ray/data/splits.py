@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from leuk_ray.data.subjects import KNOWN_LINKED_SUBJECTS, subject_key
 from leuk_ray.errors import UserError
@@ -62,6 +61,10 @@ def kfold_assign(df: pd.DataFrame, k: int, seed: int, *, grouped: bool = True) -
 
     ``grouped=False`` is the image-level fallback: only identical contents are kept together.
     """
+    # imported here: scikit-learn (with scipy) costs ~1.2 s to import, and every Ray process that
+    # unpickles a PreparedData imports this module without splitting anything
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
     groups = link_groups(df, by_subject=grouped)
     counts = _class_counts(df, groups)
     unit = "subject group(s)" if grouped else "distinct image(s)"
