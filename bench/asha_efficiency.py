@@ -3,9 +3,9 @@
 Runs on the CPU at small size: the real C-NMC sample, --smoke-test settings (test_efficientnet,
 64 px, 240 images, 2 folds), the smoke search space, N trials x E epochs, the same Optuna seed.
 Counts fold-epochs spent (sum over trials.csv of epochs x folds) and the best mean-fold F1 of the
-completed trials, for search.scheduler=asha (grace 1, reduction factor 2) and =none.
+completed trials, for search.scheduler=asha (grace period G, reduction factor R) and =none.
 
-    python bench/asha_efficiency.py [--trials 6] [--epochs 4]
+    python bench/asha_efficiency.py [--trials 6] [--epochs 4] [--grace 1] [--rf 2]
 Last line: fold-epochs ratio ASHA / none and the F1 difference.
 """
 from __future__ import annotations
@@ -30,19 +30,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=6)
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--grace", type=int, default=1, help="ASHA grace period (epochs)")
+    ap.add_argument("--rf", type=float, default=2.0, help="ASHA reduction factor")
     ap.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)))
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="leuk_bench_asha_"))
     env = {"LEUK_RAY_CACHE_DIR": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
     print(f"CPU benchmark, small size: {a.trials} trials x 2 folds x up to {a.epochs} epochs, "
-          f"test_efficientnet at 64 px, 240 real C-NMC images, smoke space, {a.cpus} cores")
+          f"test_efficientnet at 64 px, 240 real C-NMC images, smoke space, {a.cpus} cores; "
+          f"ASHA grace {a.grace}, reduction factor {a.rf:g}")
     out = {}
     for sched in ("asha", "none"):
         wall = run([PY, "-m", "leuk_ray.search", "--data", str(DATA), "--smoke-test",
                     "--num-samples", str(a.trials), "--storage-path", str(tmp / "runs"),
                     "--name", sched, "--num-cpus", str(a.cpus),
                     "--set", f"train.epochs={a.epochs}", "--set", f"search.scheduler={sched}",
-                    "--set", "search.grace_period=1", "--set", "search.reduction_factor=2",
+                    "--set", f"search.grace_period={a.grace}", "--set", f"search.reduction_factor={a.rf}",
                     "--set", "data.cache='on'"],  # quoted: YAML reads a bare on as True
                    env=env, log=tmp / f"{sched}.log")
         rows = trials(tmp / "runs" / sched)

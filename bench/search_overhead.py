@@ -14,7 +14,7 @@ running at once). Also: from a trial's start (Tune starting its function) to the
 step of its last fold, read from the fold workers' ``worker_start_ts``/``first_step_ts``/
 ``report_ts`` metrics and Tune's ``time_total_s`` of the first report.
 
-    python bench/search_overhead.py [--trials 2] [--epochs 3]
+    python bench/search_overhead.py [--trials 2] [--epochs 3] [--set KEY=VALUE ...]
 Last line: the efficiency.
 """
 from __future__ import annotations
@@ -34,13 +34,19 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--folds", type=int, default=2)
     ap.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="more config overrides for both runs, e.g. model.backbone=efficientnet_b0 "
+                         "data.image_size=128 data.max_images=600 (more work per trial)")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="leuk_bench_so_"))
     sets = ["--set", f"train.epochs={a.epochs}", "--set", f"data.folds={a.folds}",
             # 'on' quoted: --set values are YAML, where a bare on reads as True
             "--set", "data.cache='on'", "--set", "search.scheduler=none"]
+    for kv in a.extra:
+        sets += ["--set", kv]
     print(f"CPU benchmark, small size: {a.trials} trials x {a.folds} folds x {a.epochs} epochs, "
-          f"test_efficientnet at 64 px, 240 real C-NMC images, {a.cpus} cores, cache on")
+          f"smoke-test config (test_efficientnet, 64 px, 240 real C-NMC images) with "
+          f"{', '.join(a.extra) or 'no other overrides'}; {a.cpus} cores, cache on")
 
     env = {"LEUK_RAY_CACHE_DIR": str(tmp / "cache_search"), "OMP_NUM_THREADS": "1"}
     wall = run([PY, "-m", "leuk_ray.search", "--data", str(DATA), "--smoke-test",
