@@ -189,6 +189,9 @@ def test_finished_fold_run_restarted_trains_nothing_and_keeps_its_checkpoints(cn
     cfg = load_config(smoke=True, overrides=[f"data.root={cnmc_root}", "data.max_images=120",
                                              "train.epochs=2", "train.scheduler=none"])
     prepared = prepare_data(cfg.data)
+    # ray.init() sets RAY_AUTH_MODE=token in this process's environment, which every Ray cluster
+    # a later test starts from this process would inherit: put it back as it was
+    auth = os.environ.get("RAY_AUTH_MODE")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         first = run_folds(cfg, prepared, storage_path=str(tmp_path), name="f")
@@ -196,6 +199,10 @@ def test_finished_fold_run_restarted_trains_nothing_and_keeps_its_checkpoints(cn
         again = run_folds(cfg, prepared, storage_path=str(tmp_path), name="f")
     finally:
         ray.shutdown()
+        if auth is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth
     assert first.metrics["trial_finished"] and first.metrics["epoch"] == 2
     assert {c.name for c in (tmp_path / "f").glob("checkpoint_*")} == before
     assert again.checkpoint_dir is not None and again.checkpoint_dir.name in before

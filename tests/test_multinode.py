@@ -18,9 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def three_nodes():
+def three_nodes(monkeypatch):
     from ray.cluster_utils import Cluster
 
+    # the nodes start from this process's environment: without token auth, whatever an earlier
+    # ray.init() in this pytest process left behind (it sets RAY_AUTH_MODE=token here)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     for _ in range(2):
         cluster.add_node(num_cpus=1)
