@@ -102,8 +102,9 @@ def test_killed_fold_worker_resumes_from_its_checkpoint(cnmc_root, tmp_path):
     after its last checkpointed epoch, and the trial finishes with every epoch reported once."""
     storage, log = tmp_path / "results", tmp_path / "search.log"
     exp = storage / "w"
+    # 12 epochs: enough left after the second for the kill to land mid-run (an epoch is ~1 s)
     cmd = _search(cnmc_root, storage, "w", _space(tmp_path, GOOD), "--num-samples", "1",
-                  "--set", "data.max_images=400")
+                  "--set", "data.max_images=400", "--set", "train.epochs=12")
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT,
                                 start_new_session=True)
@@ -121,11 +122,11 @@ def test_killed_fold_worker_resumes_from_its_checkpoint(cnmc_root, tmp_path):
     assert proc.returncode == 0, text[-4000:]
     rows = _rows(exp / "trials.csv")
     assert len(rows) == 1 and rows[0]["status"] == "completed", rows
-    assert int(rows[0]["epochs"]) == 6
+    assert int(rows[0]["epochs"]) == 12
     assert "resuming after epoch" in text  # the restarted workers loaded their fold checkpoints
     (epochs,) = _reported_epochs(exp).values()
     # no epoch beyond the last checkpoint was trained (and reported) twice
-    assert epochs == sorted(set(epochs)) and epochs[-1] == 6, epochs
+    assert epochs == sorted(set(epochs)) and epochs[-1] == 12, epochs
 
 
 @pytest.mark.slow
@@ -215,7 +216,8 @@ def test_killed_final_leaves_no_artifact_and_rerun_completes(cnmc_root, tmp_path
     art, log = tmp_path / "artifact", tmp_path / "final.log"
     runs = tmp_path / ".artifact.runs"
     cmd = [sys.executable, "-m", "leuk_ray.final", "--smoke-test", "--data", str(cnmc_root),
-           "--out", str(art), "--set", "data.max_images=400", "--no-tta", "--num-cpus", "2"]
+           "--out", str(art), "--set", "data.max_images=400", "--set", "train.epochs=12",
+           "--no-tta", "--num-cpus", "2"]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT,
                                 start_new_session=True)
