@@ -109,8 +109,11 @@ def test_killed_fold_worker_resumes_from_its_checkpoint(cnmc_root, tmp_path):
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT,
                                 start_new_session=True)
         try:
-            # two epochs checkpointed, so the kill lands in a later epoch
-            _wait(lambda: any(len(v) >= 2 for v in _reported_epochs(exp).values()), 400, proc, log)
+            # two epochs checkpointed, so the kill lands in a later epoch. Watched through Ray
+            # Train's checkpoint dirs (written as each epoch is reported), not Tune's result.json,
+            # which is flushed late: at ~1 s an epoch, the run could be over by then.
+            _wait(lambda: sum(len(v) for v in _fold_checkpoints(exp).values()) >= 2, 400, proc,
+                  log)
             workers = _pids("RayTrainWorker")
             assert workers, "no Ray Train worker process found"
             os.kill(workers[0], signal.SIGKILL)
@@ -123,7 +126,9 @@ def test_killed_fold_worker_resumes_from_its_checkpoint(cnmc_root, tmp_path):
     rows = _rows(exp / "trials.csv")
     assert len(rows) == 1 and rows[0]["status"] == "completed", rows
     assert int(rows[0]["epochs"]) == 12
-    assert "resuming after epoch" in text  # the restarted workers loaded their fold checkpoints
+    # the restarted workers loaded their fold checkpoints, from before the last epoch
+    resumed = [int(x.split()[0]) for x in text.split("resuming after epoch ")[1:]]
+    assert resumed and max(resumed) < 12, f"the kill did not land mid-run: {resumed}"
     (epochs,) = _reported_epochs(exp).values()
     # no epoch beyond the last checkpoint was trained (and reported) twice
     assert epochs == sorted(set(epochs)) and epochs[-1] == 12, epochs
