@@ -5,7 +5,6 @@ Slow: each test starts Ray. Processes are killed for real (SIGKILL), nothing is 
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from search_helpers import csv_rows, fold_checkpoints, search_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -36,17 +36,7 @@ def _space(tmp_path: Path, *points: str) -> Path:
 
 
 def _search(data: Path, storage: Path, name: str, space: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "leuk_ray.search", "--smoke-test", "--data", str(data),
-            "--space", str(space), "--storage-path", str(storage), "--name", name,
-            "--set", "search.max_concurrent=1", "--set", "search.scheduler=none",
-            "--num-cpus", "2", *extra]
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with path.open() as f:
-        return list(csv.DictReader(f))
+    return search_cmd(data, storage, name, space, "--set", "search.scheduler=none", *extra)
 
 
 def _pids(pattern: str) -> list[int]:
@@ -85,11 +75,6 @@ def _reported_epochs(exp: Path) -> dict[str, list[int]]:
     return out
 
 
-def _fold_checkpoints(exp: Path) -> dict[str, set[str]]:
-    """trial id -> its fold checkpoint dirs: a trial trained again would add new ones."""
-    return {d.name: {c.name for c in d.glob("checkpoint_*")} for d in (exp / "folds").glob("*")}
-
-
 def _wait_gone(pattern: str, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while _pids(pattern) and time.time() < deadline:
@@ -112,7 +97,7 @@ def test_killed_fold_worker_resumes_from_its_checkpoint(cnmc_root, tmp_path):
             # two epochs checkpointed, so the kill lands in a later epoch. Watched through Ray
             # Train's checkpoint dirs (written as each epoch is reported), not Tune's result.json,
             # which is flushed late: at ~1 s an epoch, the run could be over by then.
-            _wait(lambda: sum(len(v) for v in _fold_checkpoints(exp).values()) >= 2, 400, proc,
+            _wait(lambda: sum(len(v) for v in fold_checkpoints(exp).values()) >= 2, 400, proc,
                   log)
             workers = _pids("RayTrainWorker")
             assert workers, "no Ray Train worker process found"
@@ -123,7 +108,7 @@ def test_killed_fold_worker_resumes_from_its_checkpoint(cnmc_root, tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     assert proc.returncode == 0, text[-4000:]
-    rows = _rows(exp / "trials.csv")
+    rows = csv_rows(exp / "trials.csv")
     assert len(rows) == 1 and rows[0]["status"] == "completed", rows
     assert int(rows[0]["epochs"]) == 12
     # the restarted workers loaded their fold checkpoints, from before the last epoch
@@ -147,7 +132,7 @@ def test_killed_driver_resumes_and_exploding_trial_is_pruned(cnmc_root, tmp_path
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
         try:
-            _wait(lambda: any(r["status"] == "completed" for r in _rows(exp / "trials.csv")),
+            _wait(lambda: any(r["status"] == "completed" for r in csv_rows(exp / "trials.csv")),
                   400, proc, log)
             # No grace period: Tune saves its experiment state at most every 10 s, so the driver
             # usually dies before Tune has recorded the trial as ended and --resume restarts it.
@@ -158,17 +143,17 @@ def test_killed_driver_resumes_and_exploding_trial_is_pruned(cnmc_root, tmp_path
             if proc.poll() is None:
                 proc.kill()
     _wait_gone("RayTrainWorker")  # Ray's reaper takes the orphaned cluster down
-    first = {r["trial_id"]: r for r in _rows(exp / "trials.csv") if r["status"] == "completed"}
-    before = _fold_checkpoints(exp)
+    first = {r["trial_id"]: r for r in csv_rows(exp / "trials.csv") if r["status"] == "completed"}
+    before = fold_checkpoints(exp)
 
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=ROOT, env=ENV,
                        timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
-    rows = {row["trial_id"]: row for row in _rows(exp / "trials.csv")}
+    rows = {row["trial_id"]: row for row in csv_rows(exp / "trials.csv")}
     assert len(rows) == 2  # the union of trials is --num-samples
     for tid, row in first.items():  # finished trials kept, not rerun
         assert rows[tid]["mean_val_f1"] == row["mean_val_f1"]
-        assert _fold_checkpoints(exp)[tid] == before[tid]
+        assert fold_checkpoints(exp)[tid] == before[tid]
     bad = next(row for row in rows.values() if float(row["train.lr"]) > 1)
     good = next(row for row in rows.values() if float(row["train.lr"]) < 1)
     assert bad["status"] == "pruned" and "non-finite" in bad["reason"], bad
@@ -177,7 +162,7 @@ def test_killed_driver_resumes_and_exploding_trial_is_pruned(cnmc_root, tmp_path
     assert best["trial_id"] == good["trial_id"]
     assert best["cv_score"] == pytest.approx(float(good["mean_val_f1"]))
     states = {round(float(o["params_train/lr"]), 6): o["state"]
-              for o in _rows(exp / "optuna_trials.csv")}
+              for o in csv_rows(exp / "optuna_trials.csv")}
     assert states[10.0] == "PRUNED" and states[0.003] == "COMPLETE"
 
 

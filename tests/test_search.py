@@ -5,17 +5,16 @@ ASHA decisions are reproducible (CPU training is deterministic).
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from search_helpers import csv_rows, fold_checkpoints, search_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,26 +33,11 @@ first:
 
 
 def _cmd(data: Path, storage: Path, name: str, space: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "leuk_ray.search", "--smoke-test", "--data", str(data),
-            "--space", str(space), "--storage-path", str(storage), "--name", name,
-            "--set", "data.max_images=160", "--set", "search.max_concurrent=1",
-            "--num-cpus", "2", *extra]
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open() as f:
-        return list(csv.DictReader(f))
+    return search_cmd(data, storage, name, space, "--set", "data.max_images=160", *extra)
 
 
 def _ended(path: Path) -> int:
-    if not path.exists():
-        return 0
-    return sum(r["status"] in ("completed", "pruned", "failed") for r in _rows(path))
-
-
-def _fold_checkpoints(exp: Path) -> dict[str, set[str]]:
-    """trial id -> its fold checkpoint dirs: a trial trained again would add new ones."""
-    return {d.name: {c.name for c in d.glob("checkpoint_*")} for d in (exp / "folds").glob("*")}
+    return sum(r["status"] in ("completed", "pruned", "failed") for r in csv_rows(path))
 
 
 @pytest.mark.slow
@@ -73,10 +57,10 @@ def test_search_prunes_resumes_and_writes_results(cnmc_root, tmp_path):
     assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
     proc.wait(timeout=120)
-    before = _rows(exp / "trials.csv")
+    before = csv_rows(exp / "trials.csv")
     ended_before = {r["trial_id"]: r for r in before if r["status"] in ("completed", "pruned")}
     assert ended_before, before
-    lines_before = _fold_checkpoints(exp)
+    lines_before = fold_checkpoints(exp)
 
     # a search whose name exists is refused without --resume
     again = subprocess.run(_cmd(cnmc_root, storage, "s1", space), capture_output=True, text=True,
@@ -86,13 +70,13 @@ def test_search_prunes_resumes_and_writes_results(cnmc_root, tmp_path):
     r = subprocess.run(_cmd(cnmc_root, storage, "s1", space, "--resume"), capture_output=True,
                        text=True, cwd=ROOT, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    rows = _rows(exp / "trials.csv")
+    rows = csv_rows(exp / "trials.csv")
     # exactly --num-samples trials, none repeated, finished ones kept as they were
     assert len(rows) == 3 and len({row["trial_id"] for row in rows}) == 3
     for tid, row in ended_before.items():
         now = next(x for x in rows if x["trial_id"] == tid)
         assert now["mean_val_f1"] == row["mean_val_f1"] and now["status"] == row["status"]
-        assert _fold_checkpoints(exp)[tid] == lines_before[tid]  # not rerun
+        assert fold_checkpoints(exp)[tid] == lines_before[tid]  # not rerun
     # every trial has a score per fold; the tiny learning rate was pruned by ASHA
     for row in rows:
         assert row["status"] in ("completed", "pruned"), row
@@ -103,7 +87,7 @@ def test_search_prunes_resumes_and_writes_results(cnmc_root, tmp_path):
     assert tiny["status"] == "pruned" and "ASHA" in tiny["reason"]
     assert int(tiny["epochs"]) < 6
     # Optuna was told the truth: ASHA-stopped trials are PRUNED, not COMPLETE
-    ot = _rows(exp / "optuna_trials.csv")
+    ot = csv_rows(exp / "optuna_trials.csv")
     states = {round(float(o["params_train/lr"]), 12): o["state"] for o in ot}
     for row in rows:
         expected = "COMPLETE" if row["status"] == "completed" else "PRUNED"
@@ -119,7 +103,7 @@ def test_search_prunes_resumes_and_writes_results(cnmc_root, tmp_path):
     assert len(best["cv_fold_scores"]) == 2
     assert "best trial" in r.stdout and str(exp / "best_config.yaml") in r.stdout
     # the exact split is recorded, and it is grouped by subject
-    folds = _rows(exp / "folds.csv")
+    folds = csv_rows(exp / "folds.csv")
     by_subject: dict[str, set[str]] = {}
     for f in folds:
         by_subject.setdefault(f["subject"], set()).add(f["fold"])
