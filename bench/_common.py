@@ -43,3 +43,87 @@ def first_results(exp_dir: Path) -> list[dict]:
                 out.append(json.loads(line))
                 break
     return out
+
+
+# Which kind of process a command line belongs to, first match wins (Ray names its worker
+# processes after the actor class: "ray::RayTrainWorker.run_train_fn" and the like).
+PROCESS_KINDS = [
+    ("fold workers (RayTrainWorker)", "ray::RayTrainWorker"),
+    ("Train controllers", "ray::TrainController"),
+    ("trial drivers (Tune ImplicitFunc)", "ray::ImplicitFunc"),
+    ("Ray Train helper: SynchronizationActor", "ray::SynchronizationActor"),
+    ("Ray Train helper: DatasetManager", "ray::DatasetManager"),
+    ("Ray Train helper: PlacementGroupCleaner", "ray::PlacementGroupCleaner"),
+    ("Ray Train helper: PreemptionWatcher", "ray::PreemptionWatcher"),
+    ("Ray helper: _QueueActor", "ray::_QueueActor"),
+    ("search driver", "leuk_ray.search"),
+    ("bare engine", "leuk_ray.train"),
+    ("Ray: raylet", "raylet"),
+    ("Ray: GCS", "gcs_server"),
+    ("Ray: dashboard and its modules", "dashboard"),
+    ("Ray: idle or other workers, agents, monitors", "ray"),
+]
+
+
+class CpuMeter:
+    """CPU seconds (user + system) spent by every process while it runs, grouped by kind.
+
+    Polls /proc every ``interval`` s from a thread; a process first seen after the start counts
+    from 0, so processes shorter than the interval are missed (a few ms of Ray's helpers).
+    """
+
+    def __init__(self, interval: float = 0.25) -> None:
+        import threading
+        self.interval = interval
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.first: dict[int, float] = {}
+        self.last: dict[int, tuple[float, str]] = {}
+        self.starts: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._initial = True
+
+    def _sample(self) -> None:
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            pid = int(d)
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    stat = f.read()
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            cpu = (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
+            if pid not in self.first:
+                self.first[pid] = cpu if self._initial else 0.0
+            self.last[pid] = (cpu, cmd or self.last.get(pid, (0, ""))[1])
+        self._initial = False
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "CpuMeter":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def by_kind(self) -> dict[str, tuple[float, int]]:
+        """{kind: (CPU seconds, processes)} over the processes that used CPU meanwhile."""
+        out: dict[str, tuple[float, int]] = {}
+        for pid, (cpu, cmd) in self.last.items():
+            used = cpu - self.first[pid]
+            if used <= 0:
+                continue
+            kind = next((k for k, pat in PROCESS_KINDS if pat in cmd), "other")
+            s, n = out.get(kind, (0.0, 0))
+            out[kind] = (s + used, n + 1)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1][0]))

@@ -12,7 +12,9 @@ fold-epochs), data.cache=on with a fresh node cache directory (the first trial b
 efficiency = bare time / (search wall time x parallel slots), slots = min(cores, fold workers
 running at once). Also: from a trial's start (Tune starting its function) to the first training
 step of its last fold, read from the fold workers' ``worker_start_ts``/``first_step_ts``/
-``report_ts`` metrics and Tune's ``time_total_s`` of the first report.
+``report_ts`` metrics and Tune's ``time_total_s`` of the first report; and the CPU seconds spent
+meanwhile by every kind of process (fold workers, Train controllers, trial drivers, Ray Train's
+helper actors, Ray itself), read from /proc: on a machine this small the start-up is CPU-bound.
 
     python bench/search_overhead.py [--trials 2] [--epochs 3] [--set KEY=VALUE ...]
 Last line: the efficiency.
@@ -25,7 +27,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from _common import DATA, PY, first_results, run, trials
+from _common import DATA, PY, CpuMeter, first_results, run, trials
 
 
 def main() -> None:
@@ -49,10 +51,11 @@ def main() -> None:
           f"{', '.join(a.extra) or 'no other overrides'}; {a.cpus} cores, cache on")
 
     env = {"LEUK_RAY_CACHE_DIR": str(tmp / "cache_search"), "OMP_NUM_THREADS": "1"}
-    wall = run([PY, "-m", "leuk_ray.search", "--data", str(DATA), "--smoke-test",
-                "--num-samples", str(a.trials), "--storage-path", str(tmp / "runs"),
-                "--name", "so", "--num-cpus", str(a.cpus), *sets],
-               env=env, log=tmp / "search.log")
+    with CpuMeter() as meter:
+        wall = run([PY, "-m", "leuk_ray.search", "--data", str(DATA), "--smoke-test",
+                    "--num-samples", str(a.trials), "--storage-path", str(tmp / "runs"),
+                    "--name", "so", "--num-cpus", str(a.cpus), *sets],
+                   env=env, log=tmp / "search.log")
     exp = tmp / "runs" / "so"
     rows = trials(exp)
     fold_epochs = sum(int(float(r["epochs"])) * int(float(r["folds"])) for r in rows)
@@ -81,6 +84,12 @@ def main() -> None:
               f"{statistics.median(starts):.1f}s (per trial: {', '.join(f'{x:.1f}' for x in starts)}); "
               f"beyond Ray's worker start-up: "
               f"{statistics.median(s - u for s, u in zip(starts, ray_up)):.1f}s")
+    kinds = meter.by_kind()
+    total = sum(c for c, _ in kinds.values())
+    print(f"CPU during the search: {total:.1f} s of {wall * a.cpus:.1f} s available "
+          f"({total / (wall * a.cpus):.0%} busy); by process kind (CPU s, processes):")
+    for kind, (cpu, n) in kinds.items():
+        print(f"  {cpu:7.1f} s  {n:3d}  {kind}")
     print(f"parallel slots: {slots}")
     print(f"search efficiency = bare / (search wall x slots) = {bare:.1f} / ({wall:.1f} x {slots}) "
           f"= {eff:.2f}")

@@ -86,7 +86,7 @@ def fit_temperature(y_true: Sequence[int] | np.ndarray, prob_all: Sequence[float
 def weighted_f1_at(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """Weighted F1 (predicted ALL when p >= t) for every threshold t at once.
 
-    The same quantity as ``leuk_ray.metrics.classification_metrics(...)["f1"]`` (sklearn's
+    The same quantity as ``leuk_ray.metrics.classification_metrics(...)["f1"]`` (scikit-learn's
     ``f1_score(average="weighted", zero_division=0)``), vectorised over thresholds so that a sweep
     over tens of thousands of candidates stays fast; the tests check the two agree.
     """

@@ -19,6 +19,10 @@ from leuk_ray.errors import UserError
 
 # refuse to start a run with less free space than this (LEUK_RAY_MIN_FREE_MB overrides)
 MIN_FREE_BYTES = 512 * 2**20
+# Ray Train starts a PreemptionWatcher actor (one more Python process, ~2 s of CPU) for every
+# worker group, to notice cloud nodes being drained. A local Ray started here is one machine that
+# no cloud will preempt, so the local instance runs without it (setdefault: the user's value wins).
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 _joined = False  # connect() joined an existing cluster rather than starting a local Ray
 
 
@@ -46,6 +50,8 @@ def connect(address: str | None = None, *, num_cpus: float | None = None) -> str
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
+            # set before ray.init: the raylet, and so every worker it starts, inherits it
+            os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
             ray.init(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus,
                      log_to_driver=True)
     except ConnectionError as e:

@@ -25,7 +25,8 @@ from typing import Any
 
 import ray.train
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
+                       ScalingConfig)
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from leuk_ray.config import Config, from_dict, to_dict
@@ -82,6 +83,20 @@ def _summarise(rows: list[dict[str, Any]], total_epochs: int) -> dict[str, Any]:
     return out
 
 
+def _quiet_report_log() -> None:
+    """Drop Ray Train's INFO line per report (the whole metrics dict, every epoch, every worker).
+
+    ``LoggingConfig(log_level="WARNING")`` (see ``make_trainer``) filters Ray Train's loggers by
+    name, but Ray 2.60 creates the one that logs "Reporting training result ..." with
+    ``logging.getLogger(__file__)``, so its records are named by a file path, pass the filter and
+    reach the console through the root logger. Raise that logger's level in this worker.
+    """
+    suffix = os.path.join("ray", "train", "v2", "_internal", "execution", "context.py")
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.endswith(suffix):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def fold_worker(loop_config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs: train fold ``world_rank`` to the end."""
     started = time.time()
@@ -97,10 +112,10 @@ def fold_worker(loop_config: dict[str, Any]) -> None:
     fold, k = ctx.get_world_rank(), ctx.get_world_size()
     node = ray.get_runtime_context().get_node_id()
     group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-    # Ray Train logs every report and checkpoint at INFO, and tees print() through its logger
-    # (each line twice in the driver's output); keep the worker's output to one line per epoch.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    _quiet_report_log()
 
+    # Ray Train tees print() through its logger (each line twice in the driver's output): write
+    # to the real stdout, one line per epoch.
     def log(msg: str) -> None:
         print(msg, file=sys.__stdout__, flush=True)
 
@@ -189,6 +204,10 @@ def make_trainer(cfg: Config, prepared: PreparedData, *, storage_path: str, name
             callbacks=callbacks or [],
             failure_config=FailureConfig(max_failures=r.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train logs every report (with all its metrics) and its worker-group start-up at
+            # INFO, several lines per epoch; the folds print their own progress. Warnings and
+            # errors still reach the console; every level stays in Ray's train log files.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 

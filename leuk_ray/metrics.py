@@ -1,7 +1,12 @@
-"""The one place where classification metrics are computed (scikit-learn).
+"""The one place where classification metrics are computed.
 
 Labels: 1 = ALL (positive), 0 = HEM; rows labelled -1 (unknown) are ignored. ``prob_all`` is P(ALL);
 the predicted class is ALL when prob_all >= threshold.
+
+Written in numpy with scikit-learn's definitions (``f1_score(average="weighted",
+zero_division=0)``, ``precision_recall_fscore_support``, ``roc_auc_score``; tests/test_metrics.py
+checks them against scikit-learn): every fold worker computes these each epoch, and importing
+``sklearn.metrics`` (which pulls scipy) cost each worker ~0.8 s of CPU before its first step.
 """
 from __future__ import annotations
 
@@ -9,8 +14,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, f1_score, precision_recall_fscore_support,
-                             roc_auc_score)
 
 ECE_BINS = 10
 
@@ -40,13 +43,11 @@ def classification_metrics(y_true: Sequence[int] | np.ndarray,
         raise ValueError("classification_metrics: prob_all contains NaN or infinite values")
     pred = (p >= threshold).astype(np.int64)
 
-    prec, rec, f1s, _ = precision_recall_fscore_support(y, pred, labels=[0, 1], zero_division=0)
-    auc = float(roc_auc_score(y, p)) if np.unique(y).size == 2 else None
-    if auc is not None and math.isnan(auc):
-        auc = None
+    prec, rec, f1s, support = precision_recall_f1(y, pred)
+    auc = roc_auc(y, p)
     out = {
-        "f1": float(f1_score(y, pred, labels=[0, 1], average="weighted", zero_division=0)),
-        "accuracy": float(accuracy_score(y, pred)),
+        "f1": float((f1s * support).sum() / support.sum()),
+        "accuracy": float((pred == y).mean()),
         "auc": auc,
         "precision_all": float(prec[1]), "recall_all": float(rec[1]), "f1_all": float(f1s[1]),
         "precision_hem": float(prec[0]), "recall_hem": float(rec[0]), "f1_hem": float(f1s[0]),
@@ -61,6 +62,42 @@ def classification_metrics(y_true: Sequence[int] | np.ndarray,
         out["per_subject_accuracy"] = {
             str(subj): float(correct[s == subj].mean()) for subj in sorted(set(s)) if subj != ""}
     return out
+
+
+def precision_recall_f1(y: np.ndarray, pred: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per class (index 0 = HEM, 1 = ALL): precision, recall, F1 and support; 0 where undefined."""
+    tp = np.array([((pred == c) & (y == c)).sum() for c in (0, 1)], dtype=np.float64)
+    predicted = np.array([(pred == c).sum() for c in (0, 1)], dtype=np.float64)
+    support = np.array([(y == c).sum() for c in (0, 1)], dtype=np.float64)
+
+    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        return np.where(den > 0, num / np.maximum(den, 1.0), 0.0)
+
+    # F1 = 2 tp / (2 tp + fp + fn) = 2 tp / (predicted + support): 0 when tp is 0, as sklearn's
+    # zero_division=0 gives, without going through an undefined precision or recall
+    return ratio(tp, predicted), ratio(tp, support), ratio(2.0 * tp, predicted + support), support
+
+
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float | None:
+    """Area under the ROC curve (ties count one half); None unless both classes are present.
+
+    The Mann-Whitney form: (sum of the positives' ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg),
+    with tied scores given their average rank, which equals the trapezoidal area of the ROC curve.
+    """
+    n_pos = int((y == 1).sum())
+    n_neg = int(y.size - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(p, kind="mergesort")
+    sp = p[order]
+    new = np.r_[True, sp[1:] != sp[:-1]]
+    starts = np.flatnonzero(new)
+    ends = np.r_[starts[1:], sp.size]
+    ranks = np.empty(sp.size, dtype=np.float64)
+    ranks[order] = ((starts + 1 + ends) / 2.0)[np.cumsum(new) - 1]  # average 1-based rank per tie
+    auc = (ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    return None if math.isnan(auc) else float(auc)
 
 
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, pred: np.ndarray,

@@ -173,6 +173,7 @@ def test_finished_fold_run_restarted_trains_nothing_and_keeps_its_checkpoints(cn
     not yet recorded) trains no epoch, writes no checkpoint, and returns the same metrics."""
     import ray
 
+    from leuk_ray.cluster import PREEMPTION_WATCHER_ENV, connect
     from leuk_ray.config import load_config
     from leuk_ray.data import prepare_data
     from leuk_ray.fold_trainer import run_folds
@@ -180,20 +181,25 @@ def test_finished_fold_run_restarted_trains_nothing_and_keeps_its_checkpoints(cn
     cfg = load_config(smoke=True, overrides=[f"data.root={cnmc_root}", "data.max_images=120",
                                              "train.epochs=2", "train.scheduler=none"])
     prepared = prepare_data(cfg.data)
-    # ray.init() sets RAY_AUTH_MODE=token in this process's environment, which every Ray cluster
-    # a later test starts from this process would inherit: put it back as it was
-    auth = os.environ.get("RAY_AUTH_MODE")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # ray.init() sets RAY_AUTH_MODE=token in this process's environment (and connect() turns Ray
+    # Train's preemption watcher off), which every Ray cluster a later test starts from this
+    # process would inherit: put them back as they were
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", PREEMPTION_WATCHER_ENV)}
+    connect(num_cpus=2)  # a local Ray, as search and final start it
     try:
         first = run_folds(cfg, prepared, storage_path=str(tmp_path), name="f")
         before = {c.name for c in (tmp_path / "f").glob("checkpoint_*")}
         again = run_folds(cfg, prepared, storage_path=str(tmp_path), name="f")
+        started = {a["ActorClassName"].rsplit(".", 1)[-1] for a in ray._private.state.actors().values()}
     finally:
         ray.shutdown()
-        if auth is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = auth
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    # a local instance is one machine no cloud preempts: no watcher process per worker group
+    assert "TrainController" in started and "PreemptionWatcher" not in started, started
     assert first.metrics["trial_finished"] and first.metrics["epoch"] == 2
     assert {c.name for c in (tmp_path / "f").glob("checkpoint_*")} == before
     assert again.checkpoint_dir is not None and again.checkpoint_dir.name in before
