@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -73,12 +74,10 @@ class CpuMeter:
     """
 
     def __init__(self, interval: float = 0.25) -> None:
-        import threading
         self.interval = interval
         self.tick = os.sysconf("SC_CLK_TCK")
         self.first: dict[int, float] = {}
         self.last: dict[int, tuple[float, str]] = {}
-        self.starts: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._initial = True

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from leuk_ray.metrics import f1_from_counts
+
 EPS = 1e-7
 T_MIN, T_MAX = 0.05, 20.0
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -97,15 +99,9 @@ def weighted_f1_at(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray) -> np.n
     # predicted ALL = p >= t: count = n - #(p < t)
     pred_pos = n - np.searchsorted(order, thresholds, side="left")
     tp = n_pos - np.searchsorted(pos_sorted, thresholds, side="left")
-    fp = pred_pos - tp
-    fn = n_pos - tp
-    tn = n_neg - fp
-
-    def f1(t: np.ndarray, f_p: np.ndarray, f_n: np.ndarray) -> np.ndarray:
-        den = 2 * t + f_p + f_n
-        return np.where(den > 0, 2 * t / np.maximum(den, 1), 0.0)
-
-    return (n_pos * f1(tp, fp, fn) + n_neg * f1(tn, fn, fp)) / n
+    tn = n_neg - (pred_pos - tp)
+    return (n_pos * f1_from_counts(tp, pred_pos, n_pos)
+            + n_neg * f1_from_counts(tn, n - pred_pos, n_neg)) / n
 
 
 def choose_threshold(y_true: Sequence[int] | np.ndarray,

@@ -64,19 +64,27 @@ def classification_metrics(y_true: Sequence[int] | np.ndarray,
     return out
 
 
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.where(den > 0, num / np.maximum(den, 1), 0.0)
+
+
+def f1_from_counts(tp: np.ndarray, predicted: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """F1 of a class from its true positives, predicted count and support (elementwise).
+
+    F1 = 2 tp / (2 tp + fp + fn) = 2 tp / (predicted + support): 0 when tp is 0, as scikit-learn's
+    zero_division=0 gives, without going through an undefined precision or recall.
+    """
+    return _ratio(2 * tp, predicted + support)
+
+
 def precision_recall_f1(y: np.ndarray, pred: np.ndarray
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per class (index 0 = HEM, 1 = ALL): precision, recall, F1 and support; 0 where undefined."""
     tp = np.array([((pred == c) & (y == c)).sum() for c in (0, 1)], dtype=np.float64)
     predicted = np.array([(pred == c).sum() for c in (0, 1)], dtype=np.float64)
     support = np.array([(y == c).sum() for c in (0, 1)], dtype=np.float64)
-
-    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-        return np.where(den > 0, num / np.maximum(den, 1.0), 0.0)
-
-    # F1 = 2 tp / (2 tp + fp + fn) = 2 tp / (predicted + support): 0 when tp is 0, as sklearn's
-    # zero_division=0 gives, without going through an undefined precision or recall
-    return ratio(tp, predicted), ratio(tp, support), ratio(2.0 * tp, predicted + support), support
+    return (_ratio(tp, predicted), _ratio(tp, support), f1_from_counts(tp, predicted, support),
+            support)
 
 
 def roc_auc(y: np.ndarray, p: np.ndarray) -> float | None:
