@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 def train_rate(batch: int, steps: int, size: int = 300, train: bool = True) -> float:
     from leuk_ray.config import ModelConfig
-    from leuk_ray.data.transforms import to_model_input
+    from leuk_ray.data.transforms import resolve_preprocessing, to_model_input
     from leuk_ray.engine import autocast, make_grad_scaler, select_amp_dtype
     from leuk_ray.model import create_model
 
@@ -41,9 +41,10 @@ def train_rate(batch: int, steps: int, size: int = 300, train: bool = True) -> f
     x8 = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8).pin_memory()  # BHWC
     y = torch.randint(0, 2, (batch,), device=dev)
     model.train(train)
+    prep = resolve_preprocessing("efficientnet_b3", size)
 
     def step() -> None:
-        x = to_model_input(x8, dev, channels_last=True)
+        x = to_model_input(x8, dev, channels_last=True, prep=prep)
         if train:
             with autocast(dev, amp):
                 loss = torch.nn.functional.cross_entropy(model(x).float(), y)

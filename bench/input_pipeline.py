@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from leuk_ray.data.cache import node_cache  # noqa: E402
 from leuk_ray.data.dataset import CellDataset  # noqa: E402
-from leuk_ray.data.transforms import to_model_input, train_transform  # noqa: E402
+from leuk_ray.data.transforms import (resolve_preprocessing, to_model_input,  # noqa: E402
+                                      train_transform)
 
 
 def rates(fns: dict, n: int, passes: int) -> dict[str, float]:
@@ -113,7 +114,7 @@ def main() -> None:
     t0 = time.perf_counter()
     reps = 10
     for _ in range(reps):
-        to_model_input(batch, "cpu")
+        to_model_input(batch, "cpu", prep=resolve_preprocessing("efficientnet_b3", size))
     dev_norm = reps * 32 / (time.perf_counter() - t0)
 
     print(f"node cache: built in {build_s:.2f}s (decode + resize + write, 1 thread, "

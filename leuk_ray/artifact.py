@@ -2,8 +2,10 @@
 
 Layout of an artifact directory::
 
-    manifest.json    format, version, config, class names, preprocessing, temperature, threshold,
-                     fold scores and the sha256 of every other file (written last)
+    manifest.json    format, version, config, the model's description (backbone, weights, data,
+                     smoke or not), class names, preprocessing, calibration (a temperature per
+                     fold and a threshold; again for TTA), threshold, fold scores and the sha256
+                     of every other file (written last)
     fold_<i>.pt      one model state dict per fold (torch.save; loadable with weights_only=True)
     metrics.json     evaluation numbers
     report/          PNG plots and report.md (see ``leuk_ray.report``)
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -34,66 +37,104 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from leuk_ray.calibration import apply_temperature
+from leuk_ray.calibration import Calibration
 from leuk_ray.config import Config, from_dict, to_dict
-from leuk_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from leuk_ray.engine import predict_probs
+from leuk_ray.data.transforms import Preprocessing, preprocessing_for
+from leuk_ray.engine import inference_settings, predict_probs
 from leuk_ray.errors import UserError
 from leuk_ray.model import create_model
 
 FORMAT = "leuk-ray-ensemble"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-fold temperatures (calibration), model description, the backbone's
+#                      preprocessing (mean/std/interpolation from timm; 1 was ImageNet + INTER_AREA)
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
 REPORT_DIR = "report"
 CLASS_NAMES = ("hem", "all")
 
 
+CALIBRATION_METHOD = ("fold i's P(ALL) -> sigmoid(logit(p) / temperatures[i]); mean over folds; "
+                      "ALL when >= threshold (leuk_ray.calibration)")
+
+
 def fold_file(i: int) -> str:
     return f"fold_{i}.pt"
+
+
+def leuk_ray_version() -> str:
+    """The installed leuk-ray's version ("unknown" when run from a tree that is not installed)."""
+    try:
+        return importlib.metadata.version("leuk-ray")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 # ------------------------------------------------------------------------------------- ensemble
 @dataclass
 class Ensemble:
-    """k fold models whose mean P(ALL), temperature-scaled, is the prediction."""
+    """k fold models; ``calibration.combine`` of their P(ALL) is the prediction (see
+    ``leuk_ray.calibration``). ``tta_calibration`` is what was fitted for TTA outputs (None when the
+    artifact was built without TTA: predicting with TTA is then refused)."""
 
     cfg: Config
     models: list[nn.Module]
-    temperature: float = 1.0
-    threshold: float = 0.5
+    calibration: Calibration
+    tta_calibration: Calibration | None = None
     class_names: tuple[str, ...] = CLASS_NAMES
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     path: Path | None = None            # the artifact directory it was loaded from, if any
+    preprocessing: Preprocessing | None = None  # None: the config's (``preprocessing_for(cfg)``)
+
+    def __post_init__(self) -> None:
+        if self.preprocessing is None:
+            self.preprocessing = preprocessing_for(self.cfg)
 
     @property
     def image_size(self) -> int:
-        return self.cfg.data.image_size
+        return self.preprocessing.image_size
+
+    @property
+    def threshold(self) -> float:
+        """The decision threshold without TTA (``calibration_for(True).threshold`` with TTA)."""
+        return self.calibration.threshold
+
+    def calibration_for(self, tta: bool) -> Calibration:
+        """What was fitted for this kind of output; a UserError for TTA when none was fitted."""
+        if not tta:
+            return self.calibration
+        if self.tta_calibration is None:
+            where = f"{self.path}: " if self.path else ""
+            raise UserError(f"{where}this ensemble was built without a TTA calibration "
+                            "(final.tta = false): predict without --tta, or rebuild it with "
+                            "final.tta = true")
+        return self.tta_calibration
 
     def to(self, device: str | torch.device) -> Ensemble:
         self.device = resolve_device(device)
         for m in self.models:
-            m.to(self.device)
+            _place(m, self.device)
         return self
 
     def predict(self, ds: Dataset, *, tta: bool = False, batch_size: int = 64,
                 device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(calibrated ensemble P(ALL) per row, uncalibrated per-fold P(ALL) of shape (k, N)).
 
-        ``ds`` yields (uint8 HWC image at ``image_size``, label), like ``CellDataset``.
+        ``ds`` yields (uint8 HWC image at ``image_size``, resized with
+        ``preprocessing.interpolation``, label), like ``CellDataset``. On CUDA the models run
+        channels_last, under the autocast ``train.amp`` asks for (``inference_settings``).
         """
+        cal = self.calibration_for(tta)
         if device is not None and resolve_device(device) != self.device:
             self.to(device)
         per_fold = np.stack([predict_probs(m, ds, device=self.device, batch_size=batch_size,
-                                           tta=tta) for m in self.models])
-        return self.calibrate(per_fold.mean(axis=0)), per_fold
+                                           prep=self.preprocessing, tta=tta,
+                                           amp=self.cfg.train.amp) for m in self.models])
+        return cal.combine(per_fold), per_fold
 
-    def calibrate(self, mean_prob_all: np.ndarray) -> np.ndarray:
-        return apply_temperature(mean_prob_all, self.temperature)
-
-    def label(self, prob_all: np.ndarray) -> list[str]:
-        """Class name per row by the artifact's threshold (ALL when prob_all >= threshold)."""
-        return [self.class_names[int(p >= self.threshold)] for p in np.asarray(prob_all)]
+    def label(self, prob_all: np.ndarray, *, tta: bool = False) -> list[str]:
+        """Class name per row by the fitted threshold (ALL when prob_all >= threshold)."""
+        t = self.calibration_for(tta).threshold
+        return [self.class_names[int(p >= t)] for p in np.asarray(prob_all)]
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -110,22 +151,59 @@ def resolve_device(name: str | torch.device) -> torch.device:
         raise UserError(f"device {name!r} is not a device: use auto, cpu or cuda") from None
 
 
+def _place(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` on ``device`` in eval mode, channels_last on CUDA (``inference_settings``)."""
+    _, memory_format = inference_settings(device, amp=False)
+    return model.to(device=device, memory_format=memory_format).eval()
+
+
 def _inference_model_config(cfg: Config):
     # The weights come from the fold files: never fetch or read backbone weights again.
     return dataclasses.replace(cfg.model, pretrained=False, pretrained_path="")
 
 
+def _calibration(k: int, calibration: Calibration | None, temperature: float,
+                 threshold: float) -> Calibration:
+    cal = calibration if calibration is not None else \
+        Calibration.uniform(k, temperature, threshold)
+    if cal.k != k:
+        raise ValueError(f"a calibration of {cal.k} folds for {k} fold models")
+    return cal
+
+
+def _calibrations_given(k: int, calibration: Calibration | None,
+                        tta_calibration: Calibration | None, temperature: float,
+                        threshold: float) -> tuple[Calibration, Calibration | None]:
+    if calibration is None and tta_calibration is None:  # the short form: the same for TTA
+        cal = Calibration.uniform(k, temperature, threshold)
+        return cal, cal
+    cal = _calibration(k, calibration, temperature, threshold)
+    if tta_calibration is not None:
+        _calibration(k, tta_calibration, 1.0, 0.5)
+    return cal, tta_calibration
+
+
 def build_ensemble(cfg: Config, fold_states: Sequence[dict[str, torch.Tensor]], *,
+                   calibration: Calibration | None = None,
+                   tta_calibration: Calibration | None = None,
                    temperature: float = 1.0, threshold: float = 0.5,
-                   device: str | torch.device = "cpu") -> Ensemble:
-    """An in-memory Ensemble from fold state dicts (to evaluate before saving)."""
+                   device: str | torch.device = "cpu",
+                   preprocessing: Preprocessing | None = None) -> Ensemble:
+    """An in-memory Ensemble from fold state dicts (to evaluate before saving).
+
+    ``calibration`` (and ``tta_calibration``) as fitted by ``fit_calibration``; without them,
+    ``temperature`` for every fold and ``threshold``, with and without TTA. ``preprocessing``:
+    the artifact's (default: ``preprocessing_for(cfg)``, what training used)."""
     dev = resolve_device(device)
+    cal, tta_calibration = _calibrations_given(len(fold_states), calibration, tta_calibration,
+                                               temperature, threshold)
     models = []
     for sd in fold_states:
         m = create_model(_inference_model_config(cfg))
         m.load_state_dict(sd, strict=True)
-        models.append(m.to(dev).eval())
-    return Ensemble(cfg, models, float(temperature), float(threshold), CLASS_NAMES, dev)
+        models.append(_place(m, dev))
+    return Ensemble(cfg, models, calibration=cal, tta_calibration=tta_calibration,
+                    class_names=CLASS_NAMES, device=dev, preprocessing=preprocessing)
 
 
 # ----------------------------------------------------------------------------------------- save
@@ -180,14 +258,26 @@ def _check_target(out: Path, overwrite: bool) -> None:
 
 
 def save_artifact(out_dir: str | Path, *, cfg: Config, fold_states: Sequence[dict],
-                  fold_scores: Sequence[dict], temperature: float, threshold: float,
-                  metrics: dict, write_report: Callable[[Path], Any] | None = None,
-                  overwrite: bool = True) -> Path:
+                  fold_scores: Sequence[dict], metrics: dict,
+                  calibration: Calibration | None = None,
+                  tta_calibration: Calibration | None = None,
+                  temperature: float = 1.0, threshold: float = 0.5,
+                  model_info: dict | None = None,
+                  write_report: Callable[[Path], Any] | None = None,
+                  overwrite: bool = True, weights: dict | None = None,
+                  fold_weights: Sequence[dict] | None = None) -> Path:
     """Write the artifact to ``out_dir`` atomically; returns ``out_dir``.
 
     ``fold_states[i]`` is fold i's model state dict and ``fold_scores[i]`` its scores (fold,
-    val_f1, best_epoch, ...). ``write_report(report_dir)`` fills ``report/``. On an exception the
-    partial directory is removed and ``out_dir`` is untouched.
+    val_f1, best_epoch, ...). ``calibration`` (and ``tta_calibration``) as fitted by
+    ``fit_calibration``; without them, ``temperature`` for every fold and ``threshold``, with and
+    without TTA.
+    ``model_info`` describes the model (backbone, weights, data, smoke...: the manifest's
+    "model" entry). ``weights`` (``WeightsInfo.to_dict()``: architecture, source, file, sha256)
+    names the weights the backbones started from, as the driver checked them, and
+    ``fold_weights[i]`` as fold i's worker loaded them (the manifest's top-level "weights" and each
+    fold's "weights"). ``write_report(report_dir)`` fills ``report/``. On an exception the partial
+    directory is removed and ``out_dir`` is untouched.
     """
     out = Path(out_dir).expanduser().absolute()
     if len(fold_states) == 0:
@@ -195,9 +285,8 @@ def save_artifact(out_dir: str | Path, *, cfg: Config, fold_states: Sequence[dic
     if len(fold_states) != len(fold_scores):
         raise ValueError(f"save_artifact: {len(fold_states)} fold models but "
                          f"{len(fold_scores)} fold scores")
-    if not (math.isfinite(temperature) and temperature > 0 and 0.0 <= threshold <= 1.0):
-        raise ValueError(f"save_artifact: bad temperature {temperature!r} or threshold "
-                         f"{threshold!r}")
+    cal, tta_calibration = _calibrations_given(len(fold_states), calibration, tta_calibration,
+                                               temperature, threshold)
     _check_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
@@ -208,6 +297,8 @@ def save_artifact(out_dir: str | Path, *, cfg: Config, fold_states: Sequence[dic
             with open(tmp / fold_file(i), "wb") as f:
                 torch.save({k: v.detach().cpu() for k, v in sd.items()}, f)
             folds.append({**_jsonable(dict(score)), "file": fold_file(i)})
+            if fold_weights is not None and i < len(fold_weights):
+                folds[-1]["weights"] = _jsonable(dict(fold_weights[i]))
         _write_json(tmp / METRICS, metrics)
         (tmp / REPORT_DIR).mkdir()
         if write_report is not None:
@@ -220,13 +311,15 @@ def save_artifact(out_dir: str | Path, *, cfg: Config, fold_states: Sequence[dic
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "versions": {"torch": torch.__version__},
+            "versions": {"torch": torch.__version__, "leuk_ray": leuk_ray_version()},
+            "model": _jsonable(dict(model_info or {})),
+            "weights": _jsonable(dict(weights or {})),
             "config": to_dict(cfg),
             "class_names": list(CLASS_NAMES),
-            "preprocessing": {"image_size": cfg.data.image_size, "mean": list(IMAGENET_MEAN),
-                              "std": list(IMAGENET_STD), "resize": "INTER_AREA", "color": "RGB"},
-            "temperature": float(temperature),
-            "threshold": float(threshold),
+            "preprocessing": preprocessing_for(cfg).to_dict(),
+            "calibration": {"method": CALIBRATION_METHOD, "plain": cal.to_dict(),
+                            "tta": None if tta_calibration is None else tta_calibration.to_dict()},
+            "threshold": cal.threshold,
             "folds": folds,
             "files": files,
         }
@@ -282,6 +375,12 @@ def read_manifest(path: str | Path) -> dict:
                          "leuk_ray.final")
     mpath = art / MANIFEST
     if not mpath.is_file():
+        if (art / "ensemble" / MANIFEST).is_file():  # a search directory, holding its ensemble
+            raise _fail(art, f"this is a search directory, not an ensemble artifact; its ensemble "
+                             f"is {art / 'ensemble'}: pass --model {art / 'ensemble'}")
+        if (art / "best_config.yaml").is_file():
+            raise _fail(art, "this is a search directory without an ensemble; build one with "
+                             f"python -m leuk_ray.final --from {art}")
         raise _fail(art, f"{MANIFEST} is missing: not a complete ensemble artifact; {rerun}")
     try:
         m = json.loads(mpath.read_text())
@@ -313,10 +412,48 @@ def read_manifest(path: str | Path) -> dict:
         if not name or name not in files:
             raise _fail(art, f"{MANIFEST}: fold {i} has no checksummed weights file "
                              f"({name or 'none named'}); {rerun}")
-    for key in ("temperature", "threshold", "config"):
+    for key in ("calibration", "threshold", "config"):
         if key not in m:
             raise _fail(art, f"{MANIFEST}: '{key}' is missing; {rerun}")
+    _calibrations(art, m)
+    _preprocessing(art, m)
     return m
+
+
+def _preprocessing(art: Path, m: dict) -> Preprocessing:
+    """The manifest's preprocessing (what the fold models were trained with), checked."""
+    try:
+        prep = Preprocessing.from_dict(m.get("preprocessing"))
+    except ValueError as e:
+        raise _fail(art, f"{MANIFEST}: preprocessing is not valid ({_first_line(e)}); rerun "
+                         "leuk_ray.final to rebuild it") from None
+    data = m["config"].get("data") if isinstance(m["config"], dict) else None
+    size = data.get("image_size") if isinstance(data, dict) else None
+    if prep.image_size != size:
+        raise _fail(art, f"{MANIFEST}: preprocessing.image_size {prep.image_size} is not the "
+                         f"config's data.image_size {size!r}; rerun leuk_ray.final to rebuild it")
+    return prep
+
+
+def _calibrations(art: Path, m: dict) -> tuple[Calibration, Calibration | None]:
+    """The manifest's (plain, TTA) calibrations, checked against its folds."""
+    c = m.get("calibration")
+    out = []
+    for kind in ("plain", "tta"):
+        d = c.get(kind) if isinstance(c, dict) else None
+        if d is None and kind == "tta":
+            out.append(None)
+            continue
+        try:
+            cal = Calibration.from_dict(d)
+        except (ValueError, TypeError, KeyError) as e:
+            raise _fail(art, f"{MANIFEST}: calibration.{kind} is not valid ({_first_line(e)}); "
+                             "rerun leuk_ray.final to rebuild it") from None
+        if cal.k != len(m["folds"]):
+            raise _fail(art, f"{MANIFEST}: calibration.{kind} has {cal.k} temperatures for "
+                             f"{len(m['folds'])} folds; rerun leuk_ray.final to rebuild it")
+        out.append(cal)
+    return out[0], out[1]
 
 
 def load_artifact(path: str | Path, *, device: str | torch.device = "cpu") -> Ensemble:
@@ -342,8 +479,9 @@ def load_artifact(path: str | Path, *, device: str | torch.device = "cpu") -> En
             raise _fail(art, f"{fold['file']}: not a state dict of tensors; rebuild the artifact")
         states.append(sd)
     try:
-        ens = build_ensemble(cfg, states, temperature=float(m["temperature"]),
-                             threshold=float(m["threshold"]), device=device)
+        cal, tta_cal = _calibrations(art, m)
+        ens = build_ensemble(cfg, states, calibration=cal, tta_calibration=tta_cal,
+                             device=device, preprocessing=_preprocessing(art, m))
     except RuntimeError as e:  # load_state_dict: keys or shapes do not match the config's model
         raise _fail(art, f"fold weights do not match the model in {MANIFEST} "
                          f"({_first_line(e)}); rebuild the artifact") from None

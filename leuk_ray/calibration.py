@@ -1,16 +1,45 @@
-"""Calibration of the ensemble from out-of-fold (OOF) predictions only: temperature and threshold.
+"""Calibration of the ensemble from out-of-fold (OOF) predictions only: what predict applies.
 
-    T, threshold = calibrate_oof(y_oof, p_oof)          # never pass test labels here
-    p = apply_temperature(mean_of_fold_probs, T)        # predicted ALL when p >= threshold
+What predict deploys, and so what is fitted here (``Calibration``)::
+
+    fold i's P(ALL) p_i (plain, or the mean over the 8 TTA views)
+      -> q_i = sigmoid(logit(p_i) / T_i)          a temperature per fold
+      -> q   = mean_i q_i                         the ensemble probability
+      -> ALL when q >= threshold
+
+    cal = fit_calibration(y_oof, p_oof, fold_oof, k)   # never pass test labels here
+    q = cal.combine(per_fold)                          # (k, N) fold P(ALL) -> (N,)
+
+``combine`` is the one function that turns fold probabilities into the ensemble's probability:
+final's test evaluation and ``Ensemble.predict`` (predict) both call it, with what was fitted.
+
+Why a temperature per fold: the k fold models differ in confidence (different data, epochs, early
+stop). One temperature fitted on the pooled OOF rows (each row scored by one model) is a compromise
+between them, and applying it to the logit of the *mean* of the raw fold probabilities applies it
+to a third distribution that was never fitted. Fold i's temperature is fitted on exactly the rows
+fold i validated on, and applied to fold i's outputs only.
+
+Why the threshold transfers: OOF gives one model per row (every other fold model trained on that
+row), so the ensemble has no OOF rows of its own. After per-fold scaling every q_i estimates the
+same quantity, P(ALL | image), on images its model did not see, whichever fold produced it; the
+pooled calibrated OOF values q_fold(row)(row) are therefore samples of the quantity predict
+thresholds (a mean of such estimates), and the threshold maximising their weighted F1 is chosen
+on them. The remaining difference: a mean of k estimates that disagree is pulled towards 0.5 a
+little (the ensemble is slightly less confident than its members); with a threshold near 0.5
+this barely moves decisions, and it is the closest match available without held-out ensemble
+rows. TTA changes each fold's outputs, so a TTA artifact carries a second ``Calibration`` fitted
+the same way on TTA OOF probabilities; predict --tta uses that one.
 
 Temperature scaling divides the logit of P(ALL) by T (T > 1 softens, T < 1 sharpens); it is
-monotone and keeps 0.5 at 0.5. The threshold maximises the weighted F1 (the C-NMC score) of the
-calibrated OOF probabilities.
+monotone and keeps 0.5 at 0.5. For the two-logit head, logit(P(ALL)) = z_all - z_hem, so scaling
+the logit of the probability is scaling the model's logits.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -120,11 +149,91 @@ def choose_threshold(y_true: Sequence[int] | np.ndarray,
     return float(tied[np.argmin(np.abs(tied - 0.5))])
 
 
-def calibrate_oof(y_oof: Sequence[int] | np.ndarray, p_oof: Sequence[float] | np.ndarray, *,
-                  fit: bool = True) -> tuple[float, float]:
-    """(temperature, threshold) from out-of-fold data: T (1.0 when ``fit`` is False), then the
-    threshold chosen on the temperature-scaled OOF probabilities (the scale the artifact predicts
-    in).
+@dataclass(frozen=True)
+class Calibration:
+    """A temperature per fold and one decision threshold on the combined probability."""
+
+    temperatures: tuple[float, ...]
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if not self.temperatures:
+            raise ValueError("Calibration: no fold temperatures")
+        for T in self.temperatures:
+            if not (isinstance(T, (int, float)) and math.isfinite(T) and T > 0):
+                raise ValueError(f"Calibration: temperature {T!r} is not a positive number")
+        if not (isinstance(self.threshold, (int, float)) and 0.0 <= self.threshold <= 1.0):
+            raise ValueError(f"Calibration: threshold {self.threshold!r} is not in [0, 1]")
+
+    @classmethod
+    def uniform(cls, k: int, temperature: float = 1.0, threshold: float = 0.5) -> Calibration:
+        """The same temperature for each of ``k`` folds."""
+        return cls(tuple([float(temperature)] * k), float(threshold))
+
+    @property
+    def k(self) -> int:
+        return len(self.temperatures)
+
+    def calibrated_folds(self, per_fold: np.ndarray) -> np.ndarray:
+        """(k, N) fold P(ALL) -> (k, N) fold P(ALL), each scaled by its fold's temperature."""
+        pf = np.asarray(per_fold, dtype=np.float64)
+        if pf.ndim != 2 or pf.shape[0] != self.k:
+            raise ValueError(f"Calibration of {self.k} folds got fold probabilities of shape "
+                             f"{pf.shape}")
+        return np.stack([apply_temperature(pf[i], T) for i, T in enumerate(self.temperatures)])
+
+    def combine(self, per_fold: np.ndarray) -> np.ndarray:
+        """The ensemble's P(ALL): the mean over folds of the temperature-scaled fold P(ALL)."""
+        return self.calibrated_folds(per_fold).mean(axis=0)
+
+    def calibrated_oof(self, p_oof: Sequence[float] | np.ndarray,
+                       fold_oof: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Each OOF row's P(ALL) scaled by the temperature of the fold that scored it."""
+        p = np.asarray(p_oof, dtype=np.float64).ravel()
+        f = np.asarray(fold_oof, dtype=np.int64).ravel()
+        if p.shape != f.shape:
+            raise ValueError(f"calibrated_oof: {p.size} probabilities but {f.size} fold numbers")
+        if f.size and (f.min() < 0 or f.max() >= self.k):
+            raise ValueError(f"calibrated_oof: fold numbers outside 0..{self.k - 1}")
+        out = np.empty_like(p)
+        for i, T in enumerate(self.temperatures):
+            m = f == i
+            out[m] = apply_temperature(p[m], T)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"temperatures": [float(T) for T in self.temperatures],
+                "threshold": float(self.threshold)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Calibration:
+        """Inverse of ``to_dict``; ValueError when a value is missing or out of range."""
+        if not isinstance(d, Mapping) or not isinstance(d.get("temperatures"), list):
+            raise ValueError("calibration: expected {temperatures: [...], threshold: ...}")
+        return cls(tuple(float(T) for T in d["temperatures"]), float(d["threshold"]))
+
+
+def fit_calibration(y_oof: Sequence[int] | np.ndarray, p_oof: Sequence[float] | np.ndarray,
+                    fold_oof: Sequence[int] | np.ndarray, k: int, *,
+                    fit: bool = True) -> Calibration:
+    """Fit what ``Calibration.combine`` applies, from out-of-fold rows only.
+
+    ``fold_oof[j]`` is the fold whose model scored row j (the fold it validated in). Fold i's
+    temperature is fitted on fold i's rows (1.0 when ``fit`` is False, or when those rows hold one
+    class); the threshold maximises the weighted F1 of the calibrated OOF probabilities (see the
+    module docstring for why that is the quantity predict thresholds).
     """
-    T = fit_temperature(y_oof, p_oof) if fit else 1.0
-    return T, choose_threshold(y_oof, apply_temperature(p_oof, T))
+    y = np.asarray(y_oof, dtype=np.int64).ravel()
+    p = np.asarray(p_oof, dtype=np.float64).ravel()
+    f = np.asarray(fold_oof, dtype=np.int64).ravel()
+    if not (y.shape == p.shape == f.shape):
+        raise ValueError(f"fit_calibration: {y.size} labels, {p.size} probabilities, "
+                         f"{f.size} fold numbers")
+    temps = []
+    for i in range(k):
+        m = f == i
+        if not m.any():
+            raise ValueError(f"fit_calibration: fold {i} has no out-of-fold rows")
+        temps.append(fit_temperature(y[m], p[m]) if fit else 1.0)
+    cal = Calibration(tuple(temps), 0.5)
+    return Calibration(cal.temperatures, choose_threshold(y, cal.calibrated_oof(p, f)))

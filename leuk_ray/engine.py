@@ -6,22 +6,32 @@
         save_checkpoint(run.state_dict(), path)       # everything needed to continue
     result = run.result()                             # history, best epoch, its weights and OOF
 
-Datasets yield ``(uint8 tensor (3, H, W), int label)`` and carry ``.labels`` (and ``.subjects``);
-images are normalised on the device by ``leuk_ray.data.transforms.to_model_input``.
+Datasets yield ``(uint8 tensor (H, W, 3), int label)`` and carry ``.labels`` (and ``.subjects``);
+images are normalised on the device by ``leuk_ray.data.transforms.to_model_input`` with the
+backbone's mean and std (``preprocessing_for(cfg)``, the same object predict reads from the
+artifact).
 
-Precision: fp32 on CPU; on CUDA with ``train.amp`` bf16 autocast where supported, else fp16
-autocast with a GradScaler; channels_last on CUDA with ``train.channels_last``.
+Precision: fp32 on CPU; on CUDA with ``train.amp`` bf16 autocast where the GPU does bf16 natively
+(``is_bf16_supported(including_emulation=False)``), else fp16 autocast with a GradScaler;
+channels_last on CUDA with ``train.channels_last``.
+
+Optimiser: timm's ``create_optimizer_v2`` (torch's AdamW or Adamax), whose parameter groups give
+norm weights and biases (every parameter with ndim <= 1, or named ``*.bias``) no weight decay.
 
 Reproducibility: the model is initialised from ``train.seed + fold``, and every epoch reseeds
 torch, numpy, random, the shuffling generator and the training transform from
 (train.seed, fold, epoch). An epoch's randomness therefore does not depend on what came before, and
 resuming from ``state_dict()`` after epoch e gives the same run as not stopping (exactly so on CPU
 with data.num_workers = 0; with workers, each persistent worker seeds its augmentations once when
-it starts).
+it starts). ``train.deterministic`` (``configure_determinism``): auto is deterministic on CPU and
+uses cudnn.benchmark (fast, not bit-exact) on CUDA; true asks for deterministic algorithms on CUDA
+too (best effort, slower).
 
-Non-finite values: a step whose loss is not finite, or (without a GradScaler) whose gradient norm
-is not finite, is skipped and counted; with fp16 the GradScaler skips overflowing steps as usual.
-``train.max_nonfinite`` non-finite losses/gradients in a row raise ``NonFiniteLossError``.
+Non-finite values: a step whose loss is not finite, or whose gradient norm is not finite (with
+fp16: a step the GradScaler skipped, seen as a lowered scale), is skipped and counted in
+``nonfinite_steps`` (GradScaler skips also in ``scaler_skips``). ``train.max_nonfinite`` such steps
+in a row raise ``NonFiniteLossError`` (fp16 overflows at the start are a few halvings of the scale;
+20 in a row means the gradients are NaN, not merely large).
 """
 from __future__ import annotations
 
@@ -38,17 +48,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from leuk_ray.config import Config, to_dict
-from leuk_ray.data.transforms import to_model_input
+from leuk_ray.data.transforms import Preprocessing, preprocessing_for, to_model_input
 from leuk_ray.errors import NonFiniteLossError, UserError
 from leuk_ray.losses import FocalLoss, class_alpha
 from leuk_ray.metrics import classification_metrics
 from leuk_ray.model import create_model
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: optimizer parameter groups from timm (no weight decay on norms/biases)
 # Config keys a resumed run must share with the run that wrote the state.
 _RESUME_KEYS = ("model", "train.epochs", "train.batch_size", "train.lr", "train.optimizer",
                 "train.scheduler", "train.warmup_pct", "train.seed", "data.image_size")
@@ -74,13 +85,34 @@ def select_amp_dtype(device: torch.device, enabled: bool,
     if not enabled or device.type != "cuda":
         return None
     if bf16_supported is None:
-        bf16_supported = torch.cuda.is_bf16_supported()
+        bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
     return torch.bfloat16 if bf16_supported else torch.float16
+
+
+def inference_settings(device: torch.device, amp: bool, bf16_supported: bool | None = None
+                       ) -> tuple[torch.dtype | None, torch.memory_format]:
+    """(autocast dtype, memory format) for inference on ``device``. CUDA: channels_last and, with
+    ``amp`` (``train.amp``), ``select_amp_dtype``'s bf16 or fp16. CPU: fp32, contiguous.
+
+    ``bf16_supported`` overrides the query of the current CUDA device (for tests).
+    """
+    if device.type != "cuda":
+        return None, torch.contiguous_format
+    return select_amp_dtype(device, amp, bf16_supported), torch.channels_last
 
 
 def make_grad_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.amp.GradScaler:
     """A GradScaler that is enabled only for fp16 (bf16 and fp32 need none)."""
     return torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+
+def scaler_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """``scaler.step`` + ``scaler.update``; False when the scaler skipped the step (inf/NaN
+    gradients), which it shows by lowering its scale."""
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return not scaler.get_scale() < scale
 
 
 def autocast(device: torch.device,
@@ -147,13 +179,13 @@ def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, *, device: torch.device,
-             amp_dtype: torch.dtype | None = None,
+             prep: Preprocessing, amp_dtype: torch.dtype | None = None,
              channels_last: bool = False) -> tuple[float, np.ndarray, np.ndarray]:
     """Validation pass: (loss over all rows, P(ALL) per row, labels), in the loader's order."""
     model.eval()
     logits, labels = [], []
     for x, y in loader:
-        x = to_model_input(x, device, channels_last)
+        x = to_model_input(x, device, channels_last, prep=prep)
         with autocast(device, amp_dtype):
             logits.append(model(x).float())
         labels.append(y.to(device))
@@ -163,20 +195,31 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, *, devi
     return loss, probs.cpu().numpy().astype(np.float64), all_labels.cpu().numpy()
 
 
-@torch.no_grad()
 def predict_probs(model: nn.Module, ds: Dataset, *, device: torch.device | str, batch_size: int,
-                  tta: bool = False, num_workers: int = 0, amp: bool = True) -> np.ndarray:
+                  prep: Preprocessing, tta: bool = False, num_workers: int = 0,
+                  amp: bool = True) -> np.ndarray:
     """P(ALL) for every row of ``ds`` (in order); ``tta`` averages over the 8 dihedral views.
 
-    On CUDA the forward runs under bf16/fp16 autocast when ``amp``, channels_last."""
+    Images are normalised with ``prep`` (the artifact's). Under ``torch.inference_mode``; on CUDA
+    the model and the batches are channels_last and, with ``amp`` (``train.amp``), the forward
+    runs under bf16 (fp16 where bf16 is not native) autocast (``inference_settings``)."""
     device = torch.device(device)
-    amp_dtype = select_amp_dtype(device, amp)
-    channels_last = device.type == "cuda"
+    amp_dtype, memory_format = inference_settings(device, amp)
+    channels_last = memory_format == torch.channels_last
+    if channels_last:  # outside inference_mode: converted weights stay normal tensors
+        model.to(memory_format=torch.channels_last)  # in place; a no-op when it already is
     model.eval()
     loader = make_loader(ds, batch_size=batch_size, device=device, num_workers=num_workers)
+    with torch.inference_mode():
+        return _predict_loader(model, loader, device, prep, tta, amp_dtype, channels_last)
+
+
+def _predict_loader(model: nn.Module, loader: DataLoader, device: torch.device,
+                    prep: Preprocessing, tta: bool, amp_dtype: torch.dtype | None,
+                    channels_last: bool) -> np.ndarray:
     out = []
     for x, _ in loader:
-        x = to_model_input(x, device, channels_last)
+        x = to_model_input(x, device, channels_last, prep=prep)
         views = dihedral_views(x) if tta else [x]
         p = torch.zeros(x.shape[0], device=device)
         for v in views:
@@ -191,12 +234,31 @@ def predict_probs(model: nn.Module, ds: Dataset, *, device: torch.device | str, 
 
 
 # ------------------------------------------------------------------------------ optimisation parts
-def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamax":
-        return torch.optim.Adamax(params, lr=lr, weight_decay=weight_decay)
-    raise UserError(f"train.optimizer = {name!r} is not allowed: use adamw or adamax")
+def make_optimizer(name: str, model: nn.Module, lr: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """torch's AdamW (decoupled decay) or Adamax (L2 decay) through timm's
+    ``create_optimizer_v2``, whose parameter groups exempt norm weights and biases (ndim <= 1 or
+    ``*.bias``) from weight decay; every other parameter of ``model`` (backbone and head) decays."""
+    if name not in ("adamw", "adamax"):
+        raise UserError(f"train.optimizer = {name!r} is not allowed: use adamw or adamax")
+    return create_optimizer_v2(model, opt=name, lr=lr, weight_decay=weight_decay,
+                               filter_bias_and_bn=True)
+
+
+def configure_determinism(device: torch.device, setting: str) -> bool:
+    """Apply ``train.deterministic`` (auto, true, false) for a run on ``device``; returns whether
+    the run is deterministic. auto = true on CPU, false on CUDA. Deterministic: torch's
+    deterministic algorithms (warn only where none exists) and no cudnn.benchmark; otherwise
+    torch's default algorithms and cudnn.benchmark on CUDA (the fastest convolution per shape)."""
+    deterministic = setting == "true" or (setting == "auto" and device.type != "cuda")
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic and device.type == "cuda"
+    return deterministic
 
 
 def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
@@ -261,12 +323,8 @@ class FoldRun:
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         self.device = resolve_device(t.device)
-        if t.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
-        elif self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        self.deterministic = configure_determinism(self.device, t.deterministic)
+        self.preprocessing = preprocessing_for(cfg)  # the backbone's mean/std/interpolation
         self.amp_dtype = select_amp_dtype(self.device, t.amp)
         self.scaler = make_grad_scaler(self.device, self.amp_dtype)
         self.channels_last = self.device.type == "cuda" and t.channels_last
@@ -286,7 +344,7 @@ class FoldRun:
         self.val_loader = make_loader(val_ds, batch_size=t.batch_size, device=self.device,
                                       num_workers=nw)
         self.steps_per_epoch = len(self.train_loader)
-        self.optimizer = make_optimizer(t.optimizer, self.model.parameters(), t.lr, t.weight_decay)
+        self.optimizer = make_optimizer(t.optimizer, self.model, t.lr, t.weight_decay)
         self.scheduler, self.per_batch_schedule = make_scheduler(cfg, self.optimizer,
                                                                  self.steps_per_epoch)
 
@@ -313,7 +371,15 @@ class FoldRun:
         if self.cfg.model.head == "keras" and t.batch_size < 2:
             raise UserError("train.batch_size = 1 with model.head = keras: its BatchNorm needs at "
                             "least 2 images per batch; use train.batch_size >= 2")
+        prep = preprocessing_for(self.cfg)
         for name, ds in (("training", self.train_ds), ("validation", self.val_ds)):
+            made = (getattr(ds, "size", prep.image_size),
+                    getattr(ds, "interpolation", prep.interpolation))
+            if made != (prep.image_size, prep.interpolation):
+                raise ValueError(f"fold {f}: the {name} set resizes to {made[0]} px with "
+                                 f"{made[1]}, but {self.cfg.model.backbone} at data.image_size "
+                                 f"wants {prep.image_size} px with {prep.interpolation}: build "
+                                 "the datasets with preprocessing_for(cfg).interpolation")
             bad = sorted(set(_labels_of(ds).tolist()) - {0, 1})
             if bad:
                 raise UserError(f"fold {f}: the {name} set has labels {bad}; only labelled rows "
@@ -345,7 +411,7 @@ class FoldRun:
         model.train()
         total, seen, skipped, scaler_skips, lr = 0.0, 0, 0, 0, self.lr
         for x, y in self.train_loader:
-            x = to_model_input(x, self.device, self.channels_last)
+            x = to_model_input(x, self.device, self.channels_last, prep=self.preprocessing)
             y = y.to(self.device, non_blocking=True)
             lr = self.lr
             with autocast(self.device, self.amp_dtype):
@@ -361,11 +427,12 @@ class FoldRun:
                 max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
                 if scaler.is_enabled():  # fp16: the scaler skips inf/NaN gradients itself
-                    scale = scaler.get_scale()
-                    scaler.step(opt)
-                    scaler.update()
-                    scaler_skips += int(scaler.get_scale() < scale)
-                    self.nonfinite_run = 0
+                    if scaler_step(scaler, opt):
+                        self.nonfinite_run = 0
+                    else:
+                        skipped += 1
+                        scaler_skips += 1
+                        self._nonfinite("gradient overflow, step skipped by the fp16 GradScaler")
                 elif not torch.isfinite(grad_norm):
                     skipped += 1
                     self._nonfinite("gradient norm")
@@ -399,7 +466,8 @@ class FoldRun:
 
         tr = self.train_one_epoch()
         val_loss, probs, labels = evaluate(self.model, self.val_loader, self.criterion,
-                                           device=self.device, amp_dtype=self.amp_dtype,
+                                           device=self.device, prep=self.preprocessing,
+                                           amp_dtype=self.amp_dtype,
                                            channels_last=self.channels_last)
         if not np.isfinite(probs).all():
             raise NonFiniteLossError(f"fold {self.fold}: non-finite validation predictions at "

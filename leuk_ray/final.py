@@ -5,10 +5,12 @@
    Ray Train worker; full epoch budget, early stopping on each fold's validation subjects, no
    pruning). The run is named after its config and folds, so rerunning after a crash resumes the
    folds from their last checkpoints.
-3. Fits a temperature and picks the decision threshold on the out-of-fold predictions (never on
-   the test set).
-4. Evaluates every fold model and the ensemble (mean of the fold probabilities) on the labelled
-   test set, with and without test-time augmentation.
+3. Fits a temperature per fold on that fold's out-of-fold predictions and picks the decision
+   threshold on the calibrated out-of-fold predictions (never on the test set); with TTA, the
+   same again on TTA outputs (``leuk_ray.calibration``: what predict applies).
+4. Evaluates every fold model and the ensemble (mean of the calibrated fold probabilities) on the
+   labelled test set, with and without test-time augmentation, with bootstrap confidence
+   intervals over test subjects.
 5. Writes the artifact atomically: manifest.json, fold_<i>.pt, metrics.json, oof.csv, report/.
 """
 from __future__ import annotations
@@ -19,25 +21,28 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from leuk_ray import cluster
-from leuk_ray.artifact import build_ensemble, save_artifact
-from leuk_ray.calibration import apply_temperature, calibrate_oof
+from leuk_ray.artifact import Ensemble, build_ensemble, leuk_ray_version, save_artifact
+from leuk_ray.calibration import Calibration, fit_calibration
 from leuk_ray.cli import common_parser, run_main
-from leuk_ray.config import (Config, config_from_yaml_with_extras, load_config, set_value,
-                             to_dict)
-from leuk_ray.data import PreparedData, fold_datasets, prepare_data
+from leuk_ray.config import (SMOKE_MODEL, Config, config_from_yaml_with_extras, load_config,
+                             set_value, to_dict)
+from leuk_ray.data import PreparedData, prepare_data
 from leuk_ray.data.dataset import frame_dataset
-from leuk_ray.data.transforms import eval_transform
-from leuk_ray.engine import load_checkpoint
+from leuk_ray.data.transforms import Preprocessing, eval_transform, preprocessing_for
+from leuk_ray.engine import load_checkpoint, predict_probs
 from leuk_ray.errors import UserError
-from leuk_ray.fold_trainer import fold_file, run_folds
-from leuk_ray.metrics import classification_metrics
+from leuk_ray.fold_trainer import VAL_ROWS, ValidationRows, fold_file, run_folds
+from leuk_ray.metrics import bootstrap_ci, classification_metrics
 from leuk_ray.report import write_report
+from leuk_ray.weights import check_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,10 +60,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="SEARCH_DIR", default=None,
                    help="also build the ensemble of this search's best config on the same folds "
                         "and write comparison.md (did the search beat this config/preset?)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the ensemble artifact already in the output directory")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=float, default=None, help=argparse.SUPPRESS)
     return p
+
+
+def check_target(files: cluster.RunFiles, overwrite: bool) -> None:
+    """Before any work: refuse an output that holds an artifact (without --overwrite) or other
+    files (always), so nothing there is lost and no training is wasted."""
+    built = [f for f in ("manifest.json", "comparison.json") if files.exists(f)]
+    if not files.remote and files.local.is_dir():  # also a --compare run stopped half-way
+        built += [str(m.relative_to(files.local)) for m in files.local.glob("*/manifest.json")]
+    if built:
+        if not overwrite:
+            raise UserError(f"{files.uri}: already holds an ensemble artifact ({built[0]}); pass "
+                            "--overwrite to replace it, or choose another --out")
+        return
+    if not files.remote and files.local.exists() and \
+            (not files.local.is_dir() or any(files.local.iterdir())):
+        raise UserError(f"{files.uri}: exists and is not an ensemble artifact; refusing to write "
+                        "into it: choose another --out")
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
@@ -93,63 +117,154 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
     return cfg, source
 
 
+# the config sections that determine the trained fold weights; final.* (TTA, calibration, out),
+# ray.* (resources) and search.* do not, so changing them keeps the run name and its checkpoints
+WEIGHT_SECTIONS = ("data", "model", "train")
+
+
 def _run_name(cfg: Config, prepared: PreparedData) -> str:
-    """Same config and same folds -> same name -> a rerun resumes instead of starting over."""
-    h = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode())
+    """Same weights-determining config and same folds -> same name -> a rerun resumes the folds
+    from their checkpoints instead of starting over."""
+    d = to_dict(cfg)
+    h = hashlib.sha256(json.dumps({k: d[k] for k in WEIGHT_SECTIONS}, sort_keys=True,
+                                  default=str).encode())
     for r in prepared.train.itertuples():
         h.update(f"{r.path}|{r.fold}\n".encode())
     return f"final-{h.hexdigest()[:12]}"
 
 
-def _oof(prepared: PreparedData, cfg: Config, states: list[dict]) -> dict[str, np.ndarray]:
-    """Out-of-fold rows in fold order: each validation image scored by the model that never saw it."""
-    paths, labels, subjects, folds, probs = [], [], [], [], []
+@dataclass
+class OutOfFold:
+    """Out-of-fold rows in fold order: each validation image scored by the model that never saw
+    it, exactly the rows (and order) each fold validated on, as its worker recorded them."""
+    path: np.ndarray
+    label: np.ndarray
+    subject: np.ndarray
+    fold: np.ndarray
+    prob_all: np.ndarray      # the fold model's P(ALL), uncalibrated
+
+    def __len__(self) -> int:
+        return int(self.label.size)
+
+
+def _oof(prepared: PreparedData, states: Sequence[dict]) -> OutOfFold:
+    """The OOF rows from the fold checkpoints: probabilities and the rows they belong to.
+
+    A fold's worker leaves undecodable images out of its validation set; the rows it validated
+    on travel with its probabilities (``ValidationRows`` in the checkpoint) instead of being
+    rebuilt here from the index.
+    """
+    parts: list[tuple[ValidationRows, np.ndarray]] = []
     for i, st in enumerate(states):
-        _, val_ds = fold_datasets(prepared, i, cfg.data)
+        if st.get(VAL_ROWS) is None:
+            raise UserError(f"fold {i}: its checkpoint does not record the rows it validated on "
+                            "(written by an older leuk-ray); rerun with a fresh --out")
+        rows = ValidationRows.from_state(st[VAL_ROWS])
         p = st["best_probs"].numpy() if st.get("best_probs") is not None else np.zeros(0)
-        if len(p) != len(val_ds):
-            raise UserError(f"fold {i}: its checkpoint scored {len(p)} validation images but the "
-                            f"data now has {len(val_ds)}; the data changed since training: rerun "
+        if len(p) != len(rows):
+            raise UserError(f"fold {i}: its checkpoint holds {len(p)} validation probabilities "
+                            f"for {len(rows)} validation rows; rerun with a fresh --out")
+        planned = set(prepared.train.loc[prepared.train["fold"] == i, "path"])
+        if not set(rows.paths) <= planned:
+            raise UserError(f"fold {i}: its checkpoint validated on images that are not in this "
+                            "fold of the data any more; the data changed since training: rerun "
                             "with the same data or a fresh --out")
-        paths += val_ds.paths
-        labels.append(val_ds.labels)
-        subjects += list(val_ds.subjects)
-        folds.append(np.full(len(p), i))
-        probs.append(p)
-    return {"path": np.array(paths), "label": np.concatenate(labels), "subject": np.array(subjects),
-            "fold": np.concatenate(folds), "prob_all": np.concatenate(probs)}
+        parts.append((rows, p))
+    return OutOfFold(
+        path=np.array([q for r, _ in parts for q in r.paths], dtype=object),
+        label=np.array([y for r, _ in parts for y in r.labels], dtype=np.int64),
+        subject=np.array([s for r, _ in parts for s in r.subjects], dtype=object),
+        fold=np.concatenate([np.full(len(r), i, dtype=np.int64) for i, (r, _) in
+                             enumerate(parts)]),
+        prob_all=np.concatenate([p.astype(np.float64) for _, p in parts]))
 
 
-def _write_oof_csv(oof: dict[str, np.ndarray], temperature: float, path: Path) -> None:
-    cal = apply_temperature(oof["prob_all"], temperature)
+def _rows_dataset(paths: Sequence[str], labels: Sequence[int], subjects: Sequence[str],
+                  cfg: Config):
+    """An evaluation dataset (decoded per item, eval transform) over the given rows."""
+    df = pd.DataFrame({"path": list(paths), "label": list(labels), "subject": list(subjects)})
+    return _eval_dataset(df, preprocessing_for(cfg))
+
+
+def _eval_dataset(df: pd.DataFrame, prep: Preprocessing):
+    """Rows of ``df`` decoded and resized as ``prep`` (the backbone's, what training used) says."""
+    return frame_dataset(df, prep.image_size, eval_transform(prep.image_size, prep.interpolation),
+                         interpolation=prep.interpolation)
+
+
+def _oof_tta(ens: Ensemble, oof: OutOfFold, cfg: Config) -> np.ndarray:
+    """Each OOF row's P(ALL) from its own fold model averaged over the 8 TTA views."""
+    out = np.empty(len(oof), dtype=np.float64)
+    for i, model in enumerate(ens.models):
+        m = oof.fold == i
+        ds = _rows_dataset(oof.path[m], oof.label[m], oof.subject[m], cfg)
+        out[m] = predict_probs(model, ds, device=ens.device, batch_size=cfg.train.batch_size,
+                               prep=ens.preprocessing, tta=True, amp=cfg.train.amp)
+    return out
+
+
+def _write_oof_csv(oof: OutOfFold, cal: Calibration, path: Path,
+                   tta: tuple[np.ndarray, Calibration] | None = None) -> None:
+    cols = {"path": oof.path, "subject": oof.subject, "label": oof.label, "fold": oof.fold,
+            "prob_all": oof.prob_all,
+            "prob_all_calibrated": cal.calibrated_oof(oof.prob_all, oof.fold)}
+    if tta is not None:
+        cols["prob_all_tta"] = tta[0]
+        cols["prob_all_tta_calibrated"] = tta[1].calibrated_oof(tta[0], oof.fold)
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "subject", "label", "fold", "prob_all", "prob_all_calibrated"])
-        for row in zip(oof["path"], oof["subject"], oof["label"], oof["fold"], oof["prob_all"], cal):
-            w.writerow([row[0], row[1], int(row[2]), int(row[3]), f"{row[4]:.6f}", f"{row[5]:.6f}"])
+        w.writerow(list(cols))
+        for row in zip(*cols.values()):
+            w.writerow([row[0], row[1], int(row[2]), int(row[3])]
+                       + [f"{v:.6f}" for v in row[4:]])
 
 
-def evaluate_test(ens: Any, prepared: PreparedData, cfg: Config, threshold: float,
-                  temperature: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Every fold model and the ensemble on the labelled test set, without and with TTA."""
+def evaluate_test(ens: Ensemble, prepared: PreparedData,
+                  cfg: Config) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Every fold model and the ensemble on the labelled test set, without and with TTA, each
+    with the calibration fitted for it (``Calibration.combine``: what predict applies); bootstrap
+    confidence intervals over test subjects for the ensembles."""
     test = prepared.test
     test = test[test["label"] >= 0] if test is not None else None
     if test is None or len(test) == 0:
         return {}, {}
-    ds = frame_dataset(test, cfg.data.image_size, eval_transform(cfg.data.image_size))
+    ds = _eval_dataset(test, ens.preprocessing)
     y, subj = ds.labels, list(ds.subjects)
-    out: dict[str, Any] = {"n": int(len(y)), "subjects": sorted(set(subj))}
+    out: dict[str, Any] = {"n": int(len(y)), "subjects": sorted(set(subj)), "ci": {}}
     probs: dict[str, np.ndarray] = {}
     for tta in ([False, True] if cfg.final.tta else [False]):
         key = "ensemble_tta" if tta else "ensemble"
+        cal = ens.calibration_for(tta)
         p, per_fold = ens.predict(ds, tta=tta, batch_size=cfg.train.batch_size)
-        out[key] = classification_metrics(y, p, threshold, subjects=subj)
+        out[key] = classification_metrics(y, p, cal.threshold, subjects=subj)
+        out["ci"][key] = bootstrap_ci(y, p, cal.threshold, subj)
         out["folds_tta" if tta else "folds"] = [
-            classification_metrics(y, apply_temperature(pf, temperature), threshold, subjects=subj)
-            for pf in per_fold]
+            classification_metrics(y, pf, cal.threshold, subjects=subj)
+            for pf in cal.calibrated_folds(per_fold)]
         probs[key] = p
     probs["label"], probs["subject"], probs["path"] = y, np.array(subj), np.array(ds.paths)
     return out, probs
+
+
+def describe_model(cfg: Config, prepared: PreparedData, oof: OutOfFold, *, smoke: bool,
+                   weights: dict[str, Any]) -> dict[str, Any]:
+    """What the artifact's model is (the manifest's "model" entry and the report's Model
+    section): backbone, its starting weights (``check_weights(...).to_dict()``), input size, the
+    data it was trained on, smoke test or not, leuk-ray version."""
+    m = cfg.model
+    val = prepared.train[prepared.train["fold"] >= 0]
+    return {
+        "backbone": m.backbone, "head": m.head, "weights": weights,
+        "image_size": cfg.data.image_size, "folds": prepared.n_folds,
+        "train_images": int(len(prepared.train)),
+        "train_subjects": int(prepared.train["subject"].nunique()),
+        "left_out_undecodable": int(len(val) - len(oof)),   # by the fold workers
+        "unusable_files": len(prepared.bad_files),          # set aside by the index
+        # a --smoke-test run, or a config that came from one (its tiny test backbone)
+        "smoke_test": bool(smoke) or m.backbone == SMOKE_MODEL.get("model.backbone"),
+        "leuk_ray_version": leuk_ray_version(),
+        "data": str(prepared.root or cfg.data.root), "split": cfg.data.split,
+    }
 
 
 def _fmt(m: dict | None) -> str:
@@ -161,7 +276,7 @@ def _fmt(m: dict | None) -> str:
 
 
 def build_final(cfg: Config, prepared: PreparedData, files: cluster.RunFiles,
-                *, label: str = "") -> dict[str, Any]:
+                *, label: str = "", smoke: bool = False) -> dict[str, Any]:
     """Train the folds, calibrate on OOF, evaluate, write the artifact; returns its metrics."""
     runs = f"{files.storage}/.{files.name}.runs"  # fold checkpoints: a rerun resumes from them
     name = _run_name(cfg, prepared)
@@ -175,52 +290,75 @@ def build_final(cfg: Config, prepared: PreparedData, files: cluster.RunFiles,
     states = [load_checkpoint(outcome.checkpoint_dir / fold_file(i))
               for i in range(prepared.n_folds)]
 
-    oof = _oof(prepared, cfg, states)
-    temperature, threshold = calibrate_oof(oof["label"], oof["prob_all"], fit=cfg.final.calibrate)
-    oof_metrics = classification_metrics(oof["label"], apply_temperature(oof["prob_all"],
-                                                                         temperature),
-                                         threshold, subjects=list(oof["subject"]))
-    ens = build_ensemble(cfg, [s["best_state"] for s in states], temperature=temperature,
-                         threshold=threshold, device=cfg.train.device)
-    test_metrics, test_probs = evaluate_test(ens, prepared, cfg, threshold, temperature)
+    oof = _oof(prepared, states)
+    k = prepared.n_folds
+    cal = fit_calibration(oof.label, oof.prob_all, oof.fold, k, fit=cfg.final.calibrate)
+    oof_cal = cal.calibrated_oof(oof.prob_all, oof.fold)
+    oof_metrics = classification_metrics(oof.label, oof_cal, cal.threshold,
+                                         subjects=list(oof.subject))
+    ens = build_ensemble(cfg, [s["best_state"] for s in states], calibration=cal,
+                         device=cfg.train.device)
+    oof_tta = None
+    if cfg.final.tta:  # what predict --tta thresholds: calibrate on TTA outputs as well
+        print(f"{label}scoring the {len(oof)} out-of-fold images with TTA to calibrate it",
+              flush=True)
+        p_tta = _oof_tta(ens, oof, cfg)
+        ens.tta_calibration = fit_calibration(oof.label, p_tta, oof.fold, k,
+                                              fit=cfg.final.calibrate)
+        oof_tta = (p_tta, ens.tta_calibration)
+    test_metrics, test_probs = evaluate_test(ens, prepared, cfg)
     fold_scores = []
     for i, st in enumerate(states):
         row = {"fold": i, "val_f1": float(st["best_metrics"].get("f1", float("nan"))),
-               "best_epoch": int(st["best_epoch"]), "epochs": int(st["epoch"])}
+               "best_epoch": int(st["best_epoch"]), "epochs": int(st["epoch"]),
+               "temperature": cal.temperatures[i]}
         if test_metrics:
             row["test_f1"] = test_metrics["folds"][i]["f1"]
         fold_scores.append(row)
-    metrics = {"threshold": threshold, "temperature": temperature, "oof": oof_metrics,
-               "test": test_metrics, "folds": fold_scores}
+    weights = check_weights(cfg.model).to_dict()  # what the backbones started from
+    model = describe_model(cfg, prepared, oof, smoke=smoke, weights=weights)
+    calibration = {"plain": cal.to_dict(),
+                   "tta": None if ens.tta_calibration is None else ens.tta_calibration.to_dict()}
+    metrics = {"threshold": cal.threshold, "calibration": calibration, "oof": oof_metrics,
+               "test": test_metrics, "folds": fold_scores, "model": model}
 
     def report(report_dir: Path) -> None:
-        _write_oof_csv(oof, temperature, report_dir.parent / "oof.csv")
-        comparison = None
+        _write_oof_csv(oof, cal, report_dir.parent / "oof.csv", oof_tta)
+        comparison, ci, columns = None, None, {}
         if test_probs:
             y, p, subj = test_probs["label"], test_probs["ensemble"], test_probs["subject"]
             m, what = test_metrics["ensemble"], "held-out test set"
+            ci = test_metrics["ci"]["ensemble"]
             comparison = {f"fold {i}": fm for i, fm in enumerate(test_metrics["folds"])}
             comparison["ensemble"] = m
             if "ensemble_tta" in test_metrics:
                 comparison.update({f"fold {i} + TTA": fm
                                    for i, fm in enumerate(test_metrics["folds_tta"])})
                 comparison["ensemble + TTA"] = test_metrics["ensemble_tta"]
+                columns["test, ensemble + TTA"] = test_metrics["ensemble_tta"]
+            columns["out-of-fold (one model per image)"] = oof_metrics
         else:
-            y, p, subj = oof["label"], apply_temperature(oof["prob_all"], temperature), \
-                oof["subject"]
+            y, p, subj = oof.label, oof_cal, oof.subject
             m, what = oof_metrics, "out-of-fold predictions (no labelled test set)"
         write_report(report_dir, title=f"leuk-ray ensemble of {len(states)} folds: {what}",
-                     metrics=m, y_true=y, prob_all=p, threshold=threshold,
-                     fold_scores=fold_scores, subjects=list(subj), temperature=temperature,
-                     comparison=comparison)
+                     metrics=m, y_true=y, prob_all=p, threshold=cal.threshold,
+                     fold_scores=fold_scores, subjects=list(subj), calibration=calibration,
+                     comparison=comparison, model=model, ci=ci, columns=columns,
+                     main_column="test, ensemble" if test_probs else "out-of-fold")
 
     save_artifact(files.local, cfg=cfg, fold_states=[s["best_state"] for s in states],
-                  fold_scores=fold_scores, temperature=temperature, threshold=threshold,
-                  metrics=metrics, write_report=report)
+                  fold_scores=fold_scores, calibration=cal, tta_calibration=ens.tta_calibration,
+                  model_info=model, metrics=metrics, write_report=report,
+                  weights=weights, fold_weights=outcome.fold_weights)
     files.push("")  # to s3:// etc.: every file, manifest.json last
 
-    print(f"\n{label}out-of-fold ({len(oof['label'])} images): {_fmt(oof_metrics)}")
-    print(f"temperature {temperature:.3f}, threshold {threshold:.3f} (chosen on out-of-fold data)")
+    print(f"\n{label}out-of-fold ({len(oof)} images): {_fmt(oof_metrics)}")
+    print(f"temperatures {', '.join(f'{T:.3f}' for T in cal.temperatures)} (one per fold), "
+          f"threshold {cal.threshold:.3f} (chosen on out-of-fold data)")
+    if ens.tta_calibration is not None:
+        print(f"with TTA: temperatures "
+              f"{', '.join(f'{T:.3f}' for T in ens.tta_calibration.temperatures)}, threshold "
+              f"{ens.tta_calibration.threshold:.3f}")
     for i, s in enumerate(fold_scores):
         print(f"fold {i}: val F1 {s['val_f1']:.4f} (best epoch {s['best_epoch']})"
               + (f", test F1 {s['test_f1']:.4f}" if "test_f1" in s else ""))
@@ -278,6 +416,7 @@ def write_comparison(out: Path, named: dict[str, dict[str, Any]]) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg, source = resolve_config(args)
+    check_weights(cfg.model)  # backbone name and weights: fail before the data and Ray
     compare_cfg = None
     if args.compare:
         search = cluster.RunFiles.from_path(args.compare)
@@ -285,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"{search.uri}/best_config.yaml: not found; --compare takes a finished "
                             "search's directory")
         compare_cfg, _ = config_from_yaml_with_extras(search.local / "best_config.yaml")
+        check_weights(compare_cfg.model)
         for key in FOLD_KEYS:  # the same folds for both
             set_value(cfg, f"data.{key}", getattr(compare_cfg.data, key), where="--compare")
         if args.data:
@@ -294,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                time.strftime("runs/final-%Y%m%d-%H%M%S"))
     target = args.out or cfg.final.out or default
     files = cluster.RunFiles.from_path(target)  # s3:// artifacts are built locally, then uploaded
+    check_target(files, args.overwrite)
     print(f"final: config from {source or args.preset or 'defaults'}; artifact -> {files.uri}",
           flush=True)
     prepared = prepare_data(cfg.data)  # refuses test subjects that also appear in training
@@ -309,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cluster.check_shared_storage(files.storage, cfg)
 
     if compare_cfg is None:
-        build_final(cfg, prepared, files)
+        build_final(cfg, prepared, files, smoke=args.smoke_test)
         print(f"report:   {files.uri}/report/report.md")
         print(f"predict:  python -m leuk_ray.predict --model {files.local} IMAGES_OR_FOLDERS")
         return 0
@@ -317,7 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the split depends only on FOLD_KEYS, which both configs share: one split serves both
     results = {}
     for n, c in {mine: cfg, "search": compare_cfg}.items():
-        results[n] = build_final(c, prepared, cluster.RunFiles(files.uri, n), label=f"[{n}] ")
+        results[n] = build_final(c, prepared, cluster.RunFiles(files.uri, n), label=f"[{n}] ",
+                                 smoke=args.smoke_test)
     files.local.mkdir(parents=True, exist_ok=True)
     report = write_comparison(files.local, results)
     files.push("comparison.md", "comparison.json")

@@ -11,6 +11,8 @@ all its folds had finished trains nothing and writes no new checkpoint.
 A fold that stops early keeps reporting its best score until every fold is done. A fold whose loss
 turns non-finite ends the run for all folds with ``pruned_reason`` set (the search marks the trial
 pruned with that reason).
+A ``UserError`` in a fold worker (bad weights, data or checkpoint) ends the run for all folds with
+``user_error`` set, without Ray Train's retries (meant for lost nodes); the driver raises it.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from leuk_ray.config import Config, from_dict, to_dict
 from leuk_ray.data import PreparedData
-from leuk_ray.errors import NonFiniteLossError
+from leuk_ray.errors import NonFiniteLossError, UserError
 
 SCORE = "mean_val_f1"  # mean over folds of each fold's best validation weighted F1 so far
 # Ray Train's controller checks on its workers every 2 s by default, which is also how long it
@@ -45,11 +47,50 @@ def fold_file(fold: int) -> str:
     return f"fold_{fold}.pt"
 
 
+VAL_ROWS = "val_rows"  # the checkpoint key under which a fold keeps the rows it validated on
+
+
+@dataclass(frozen=True)
+class ValidationRows:
+    """The rows a fold validated on, in the order of its validation probabilities.
+
+    Undecodable images were already left out by the worker (``image_cache``'s bad list), so this,
+    not the fold's rows of the index, is what its out-of-fold probabilities belong to. Stored in
+    the fold checkpoint as plain lists (``torch.load(weights_only=True)``-safe).
+    """
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+    subjects: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not len(self.paths) == len(self.labels) == len(self.subjects):
+            raise ValueError("ValidationRows: paths, labels and subjects differ in length")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @classmethod
+    def of(cls, ds: Any) -> ValidationRows:
+        """From a ``CellDataset`` (paths, labels, subjects)."""
+        return cls(tuple(ds.paths), tuple(int(y) for y in ds.labels), tuple(ds.subjects))
+
+    def to_state(self) -> dict[str, list]:
+        return {"path": list(self.paths), "label": list(self.labels),
+                "subject": list(self.subjects)}
+
+    @classmethod
+    def from_state(cls, d: dict) -> ValidationRows:
+        return cls(tuple(str(p) for p in d["path"]), tuple(int(y) for y in d["label"]),
+                   tuple(str(s) for s in d["subject"]))
+
+
 @dataclass
 class FoldOutcome:
-    """What ``run_folds`` hands back: the last metrics and the final checkpoint directory."""
+    """What ``run_folds`` hands back: the last metrics, the final checkpoint directory and the
+    weights each fold's backbone started from (``WeightsInfo.to_dict()``, in fold order)."""
     metrics: dict[str, Any]
     checkpoint_dir: Path | None
+    fold_weights: list[dict[str, str]] = field(default_factory=list)
 
 
 def _summarise(rows: list[dict[str, Any]], total_epochs: int) -> dict[str, Any]:
@@ -64,8 +105,10 @@ def _summarise(rows: list[dict[str, Any]], total_epochs: int) -> dict[str, Any]:
         "mean_val_f1_last": sum(r["val_f1"] for r in rows) / k,
         "mean_val_loss": sum(r["val_loss"] for r in rows) / k,
         "folds_done": sum(r["done"] for r in rows),
-        "trial_finished": all(r["done"] for r in rows) and not any(r["failed"] for r in rows),
+        "trial_finished": all(r["done"] for r in rows)
+        and not any(r["failed"] or r.get("user_error") for r in rows),
         "pruned_reason": next((r["failed"] for r in rows if r["failed"]), ""),
+        "user_error": next((r["user_error"] for r in rows if r.get("user_error")), ""),
         # wall-clock (time.time()) marks for bench/search_overhead.py: the first fold worker's
         # start, the last fold's first training step, and this report
         "worker_start_ts": min(r.get("started", 0.0) for r in rows),
@@ -80,6 +123,8 @@ def _summarise(rows: list[dict[str, Any]], total_epochs: int) -> dict[str, Any]:
         out[f"fold_{i}_epoch"] = r["epoch"]
         out[f"fold_{i}_best_epoch"] = r["best_epoch"]
         out[f"fold_{i}_node"] = r["node"]
+        if r.get("weights"):
+            out[f"fold_{i}_weights"] = r["weights"]
     return out
 
 
@@ -98,12 +143,51 @@ def _quiet_report_log() -> None:
 
 
 def fold_worker(loop_config: dict[str, Any]) -> None:
-    """The function every Ray Train worker runs: train fold ``world_rank`` to the end."""
+    """The function every Ray Train worker runs: train fold ``world_rank`` to the end.
+
+    A ``UserError`` (bad weights, data, checkpoint...) is not raised to Ray Train, which would
+    retry the worker group as if a node had been lost: the worker reports it (``user_error``) in
+    the same gather/report round as the other folds, every fold stops, and the driver raises it.
+    """
+    # gloo: also works beside CUDA, where NCCL cannot gather CPU objects
+    group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+    try:
+        _train_fold(loop_config, group)
+    except UserError as e:
+        _report_user_error(f"fold {ray.train.get_context().get_world_rank()}: {e}", group)
+
+
+def _report_user_error(message: str, group: Any) -> None:
+    """Take part in the round the other folds are in (gather, report), so that every fold ends on
+    ``user_error`` instead of waiting for this one.
+
+    The report carries a checkpoint holding only ``user_error_fold_<i>.txt``: Ray Train v2 hands
+    the driver the metrics of the latest checkpoint only. The other folds' files (if they trained
+    this round) are in the same checkpoint, so a rerun resumes them; this fold starts afresh.
+    """
+    print(f"error: {message}", file=sys.__stderr__, flush=True)
+    ctx = ray.train.get_context()
+    fold, k = ctx.get_world_rank(), ctx.get_world_size()
+    now = time.time()
+    mine = {"fold": fold, "epoch": 0, "val_f1": 0.0, "val_loss": float("nan"), "best_val_f1": 0.0,
+            "best_epoch": 0, "done": True, "failed": "", "user_error": message, "started": now,
+            "first_step": 0.0, "node": ray.get_runtime_context().get_node_id(), "stepped": False}
+    rows: list[dict[str, Any]] = [mine]
+    if k > 1:
+        rows = [None] * k  # type: ignore[list-item]
+        dist.all_gather_object(rows, mine, group=group)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / f"user_error_fold_{fold}.txt").write_text(message + "\n")
+        ray.train.report(_summarise(rows, 0), checkpoint=Checkpoint.from_directory(tmp))
+
+
+def _train_fold(loop_config: dict[str, Any], group: Any) -> None:
     started = time.time()
     # The training engine (timm, albumentations) is imported here, in the fold workers only: the
     # processes that just build trainers (trial drivers, the final job's driver) stay light.
     from leuk_ray.data import fold_datasets
     from leuk_ray.data.cache import image_cache
+    from leuk_ray.data.transforms import preprocessing_for
     from leuk_ray.engine import FoldRun, load_checkpoint, save_checkpoint
 
     cfg: Config = from_dict(loop_config["cfg"], where="fold worker")
@@ -111,7 +195,6 @@ def fold_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     fold, k = ctx.get_world_rank(), ctx.get_world_size()
     node = ray.get_runtime_context().get_node_id()
-    group = dist.new_group(backend="gloo") if dist.is_initialized() else None
     _quiet_report_log()
 
     # Ray Train tees print() through its logger (each line twice in the driver's output): write
@@ -128,8 +211,11 @@ def fold_worker(loop_config: dict[str, Any]) -> None:
                 state = load_checkpoint(path)
                 log(f"fold {fold}: resuming after epoch {state['epoch']} from {checkpoint.path}")
 
-    images, bad = image_cache(cfg.data, prepared)
-    train_ds, val_ds = fold_datasets(prepared, fold, cfg.data, images=images, bad=bad)
+    interpolation = preprocessing_for(cfg).interpolation  # the backbone's (timm's data config)
+    images, bad = image_cache(cfg.data, prepared, interpolation)
+    train_ds, val_ds = fold_datasets(prepared, fold, cfg.data, images=images, bad=bad,
+                                     interpolation=interpolation)
+    val_rows = ValidationRows.of(val_ds).to_state()  # what best_probs belong to
     run = FoldRun(cfg, train_ds, val_ds, fold=fold, state=state, log=log)
     last: dict[str, Any] = {"val_f1": 0.0, "val_loss": float("nan")}
     if run.history:
@@ -158,6 +244,7 @@ def fold_worker(loop_config: dict[str, Any]) -> None:
             "first_step": first_step,
             "node": node,
             "stepped": stepped,
+            "weights": _weights_of(run.model),
         }
         rows: list[dict[str, Any]] = [mine]
         if k > 1:
@@ -166,7 +253,8 @@ def fold_worker(loop_config: dict[str, Any]) -> None:
         summary = _summarise(rows, cfg.train.epochs)
         if any(r["stepped"] for r in rows):
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(run.state_dict(), Path(tmp) / fold_file(fold))
+                save_checkpoint({**run.state_dict(), VAL_ROWS: val_rows},
+                                Path(tmp) / fold_file(fold))
                 ray.train.report(summary, checkpoint=Checkpoint.from_directory(tmp))
         else:
             # Nothing trained this round: a run restored after it had already finished (the search
@@ -175,7 +263,7 @@ def fold_worker(loop_config: dict[str, Any]) -> None:
             # retrained and nothing the finished trial left is rotated away. Every rank takes the
             # same branch (decided on the gathered rows), so Ray never merges a partial checkpoint.
             ray.train.report(summary)
-        if summary["pruned_reason"] or summary["folds_done"] == k:
+        if summary["pruned_reason"] or summary["user_error"] or summary["folds_done"] == k:
             break
 
 
@@ -214,13 +302,30 @@ def make_trainer(cfg: Config, prepared: PreparedData, *, storage_path: str, name
 
 def run_folds(cfg: Config, prepared: PreparedData, *, storage_path: str, name: str,
               callbacks: list | None = None) -> FoldOutcome:
-    """Train all folds to the end (used by the final job); returns the last metrics."""
+    """Train all folds to the end (used by the final job); returns the last metrics.
+
+    A user error a fold worker reported is raised here, as a ``UserError``.
+    """
     trainer = make_trainer(cfg, prepared, storage_path=storage_path, name=name, callbacks=callbacks)
     result = trainer.fit()
+    raise_user_error(result.metrics)
     ckpt = result.checkpoint
     local = None
     if ckpt is not None:  # on s3:// and the like, download the merged fold checkpoints
         local = Path(ckpt.to_directory()) if "://" in str(ckpt.path) or \
             ckpt.filesystem.type_name != "local" else Path(ckpt.path)
-    return FoldOutcome(metrics=dict(result.metrics or {}), checkpoint_dir=local)
+    metrics = dict(result.metrics or {})
+    weights = [metrics.get(f"fold_{i}_weights") or {} for i in range(prepared.n_folds)]
+    return FoldOutcome(metrics=metrics, checkpoint_dir=local, fold_weights=weights)
+
+
+def raise_user_error(metrics: dict[str, Any] | None) -> None:
+    """The driver's side of a fold's user error: a ``UserError`` with its message, not a retry."""
+    if metrics and metrics.get("user_error"):
+        raise UserError(str(metrics["user_error"]))
+
+
+def _weights_of(model: Any) -> dict[str, str]:
+    info = getattr(getattr(model, "backbone", None), "weights_info", None)
+    return info.to_dict() if info is not None else {}
 

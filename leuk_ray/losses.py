@@ -1,15 +1,20 @@
 """Focal loss with per-class alpha and label smoothing, computed from log-softmax.
 
 For a row with true class y, log-probabilities log p (log_softmax of the logits, in float32) and
-the smoothed target q = (1 - s) * onehot(y) + s / C:
+the smoothed target q = (1 - s) * onehot(y) + s / C, the smoothed cross-entropy and the loss are
 
-    loss_i = alpha_y * (1 - p_y) ** gamma * ( - sum_c q_c * log p_c )
+    ce_i   = - sum_c q_c * log p_c
+    loss_i = alpha_y * (1 - exp(-ce_i)) ** gamma * ce_i
 
 and the batch loss is the alpha-weighted mean  sum_i loss_i / sum_i alpha_{y_i}  (the plain mean
-when alpha is None). The focal factor uses p_y, the probability of the TRUE class, as in Lin et al.;
-smoothing only changes the cross-entropy term. With gamma = 0 and s = 0 this is exactly
-``F.cross_entropy(logits, y, weight=alpha)`` (torch's weighted mean). Everything is computed from
-log-probabilities (1 - p_y = -expm1(log p_y)), so extreme logits give finite values.
+when alpha is None). The focal factor is taken from the SMOOTHED cross-entropy (pt = exp(-ce), as
+seed 000's StableFocalLoss): the loss is then an increasing function of ce, so it has its minimum
+where smoothed CE has it (p_y = 1 - s + s/C) and a confident correct logit beyond that is pulled
+back, as smoothing intends. (A factor (1 - p_y) ** gamma from the unsmoothed p_y would vanish at
+high confidence and switch smoothing off there.) Without smoothing pt = p_y, Lin et al.'s focal loss;
+with gamma = 0 and s = 0 this is exactly ``F.cross_entropy(logits, y, weight=alpha)`` (torch's
+weighted mean). Everything is computed in float32 from log-probabilities (1 - pt = -expm1(-ce)),
+so extreme logits give finite values and gradients.
 """
 from __future__ import annotations
 
@@ -39,15 +44,16 @@ class FocalLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logp = F.log_softmax(logits.float(), dim=-1)                       # (B, C)
         n_classes = logp.shape[-1]
-        logp_t = logp.gather(1, target.unsqueeze(1)).squeeze(1)             # (B,)
         if self.smoothing > 0:
             q = torch.full_like(logp, self.smoothing / n_classes)
             q.scatter_(1, target.unsqueeze(1), 1.0 - self.smoothing + self.smoothing / n_classes)
-            ce = -(q * logp).sum(dim=1)
+            ce = -(q * logp).sum(dim=1)                                       # (B,)
         else:
-            ce = -logp_t
+            ce = -logp.gather(1, target.unsqueeze(1)).squeeze(1)
         if self.gamma > 0:
-            one_minus_pt = (-torch.expm1(logp_t)).clamp(min=0.0)
+            # 1 - pt with pt = exp(-ce); clamped away from 0 so that gamma < 1 keeps a finite
+            # gradient at ce = 0 (where the loss and its gradient are 0 anyway)
+            one_minus_pt = (-torch.expm1(-ce)).clamp(min=torch.finfo(torch.float32).tiny)
             ce = one_minus_pt.pow(self.gamma) * ce
         if self.alpha is None:
             return ce.mean()

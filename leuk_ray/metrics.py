@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,9 +26,10 @@ def classification_metrics(y_true: Sequence[int] | np.ndarray,
 
     Keys: f1 (weighted over both classes, the C-NMC score), accuracy, auc (None when only one class
     is present), precision_all, recall_all, f1_all, precision_hem, recall_hem, f1_hem,
-    sensitivity (= recall_all), specificity (= recall_hem), ece (10 equal-width bins over the
-    confidence of the predicted class), n (labelled rows), per_subject_accuracy ({subject: accuracy}
-    over known subjects when ``subjects`` is given, else {}).
+    sensitivity (= recall_all), specificity (= recall_hem), ece (``expected_calibration_error``:
+    10 equal-width bins of P(ALL), the bins of the report's reliability diagram), n (labelled
+    rows), per_subject_accuracy ({subject: accuracy} over known subjects when ``subjects`` is
+    given, else {}).
     """
     y = np.asarray(y_true, dtype=np.int64).ravel()
     p = np.asarray(prob_all, dtype=np.float64).ravel()
@@ -52,7 +54,7 @@ def classification_metrics(y_true: Sequence[int] | np.ndarray,
         "precision_all": float(prec[1]), "recall_all": float(rec[1]), "f1_all": float(f1s[1]),
         "precision_hem": float(prec[0]), "recall_hem": float(rec[0]), "f1_hem": float(f1s[0]),
         "sensitivity": float(rec[1]), "specificity": float(rec[0]),
-        "ece": expected_calibration_error(y, p, pred),
+        "ece": expected_calibration_error(y, p),
         "n": int(y.size),
         "per_subject_accuracy": {},
     }
@@ -108,15 +110,100 @@ def roc_auc(y: np.ndarray, p: np.ndarray) -> float | None:
     return None if math.isnan(auc) else float(auc)
 
 
-def expected_calibration_error(y: np.ndarray, p: np.ndarray, pred: np.ndarray,
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Equal-width bins of P(ALL): bin b holds b/B <= p < (b+1)/B (the last one also p = 1)."""
+
+    edges: np.ndarray          # (B + 1,) 0, 1/B, ..., 1
+    count: np.ndarray          # (B,) rows per bin
+    mean_prob: np.ndarray      # (B,) mean P(ALL) per bin (NaN where empty)
+    frac_all: np.ndarray       # (B,) observed fraction of ALL per bin (NaN where empty)
+
+
+def reliability_bins(y: Sequence[int] | np.ndarray, p: Sequence[float] | np.ndarray,
+                     bins: int = ECE_BINS) -> ReliabilityBins:
+    """The one binning behind the ECE and the reliability diagram (labelled rows: y in {0, 1})."""
+    y = np.asarray(y, dtype=np.float64).ravel()
+    p = np.asarray(p, dtype=np.float64).ravel()
+    idx = np.clip(np.floor(p * bins).astype(np.int64), 0, bins - 1)
+    count = np.bincount(idx, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_prob = np.bincount(idx, weights=p, minlength=bins) / count
+        frac_all = np.bincount(idx, weights=y, minlength=bins) / count
+    return ReliabilityBins(np.linspace(0.0, 1.0, bins + 1), count, mean_prob, frac_all)
+
+
+def expected_calibration_error(y: Sequence[int] | np.ndarray, p: Sequence[float] | np.ndarray,
                                bins: int = ECE_BINS) -> float:
-    """ECE over the confidence of the predicted class: sum_b |B|/n * |accuracy_b - confidence_b|."""
-    conf = np.where(pred == 1, p, 1.0 - p)
-    correct = (pred == y).astype(np.float64)
-    idx = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)  # bins (k/b, (k+1)/b]
-    ece = 0.0
-    for b in range(bins):
-        m = idx == b
-        if m.any():
-            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
-    return float(ece)
+    """ECE of P(ALL): sum_b |B_b|/n * |fraction ALL in b - mean P(ALL) in b| (``reliability_bins``).
+
+    Independent of the decision threshold (the older confidence-of-the-predicted-class form binned
+    by the threshold's decision and drew a different picture from the reliability diagram).
+    """
+    r = reliability_bins(y, p, bins)
+    n = r.count.sum()
+    if n == 0:
+        return float("nan")
+    m = r.count > 0
+    return float((r.count[m] / n * np.abs(r.frac_all[m] - r.mean_prob[m])).sum())
+
+
+# ------------------------------------------------------------------------------------ bootstrap
+CI_METRICS = ("f1", "accuracy", "auc", "sensitivity", "specificity")
+
+
+def _point_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float | None]:
+    pred = (p >= threshold).astype(np.int64)
+    _, rec, f1s, support = precision_recall_f1(y, pred)
+    return {"f1": float((f1s * support).sum() / support.sum()),
+            "accuracy": float((pred == y).mean()), "auc": roc_auc(y, p),
+            "sensitivity": float(rec[1]), "specificity": float(rec[0])}
+
+
+def bootstrap_ci(y_true: Sequence[int] | np.ndarray, prob_all: Sequence[float] | np.ndarray,
+                 threshold: float, subjects: Sequence[str], *, n_boot: int = 1000,
+                 level: float = 0.95, seed: int = 0) -> dict:
+    """Percentile confidence intervals of weighted F1, accuracy, AUC, sensitivity, specificity,
+    bootstrapping over subjects (images of one subject are not independent).
+
+    Each of ``n_boot`` resamples draws as many subjects as there are, with replacement, and takes
+    all their images; a row without a subject ("") counts as its own subject. A metric undefined
+    in a resample (AUC or sensitivity without an ALL image, ...) is left out of that metric's
+    interval; ``n_valid`` says how many resamples each interval uses. Returns {"n_images",
+    "n_subjects", "n_boot", "level", "seed", metric: {"low", "high", "n_valid"}}.
+    """
+    y = np.asarray(y_true, dtype=np.int64).ravel()
+    p = np.asarray(prob_all, dtype=np.float64).ravel()
+    s = np.asarray([str(x) for x in subjects], dtype=object)
+    if not (y.shape == p.shape == s.shape):
+        raise ValueError(f"bootstrap_ci: {y.size} labels, {p.size} probabilities, "
+                         f"{s.size} subjects")
+    keep = y >= 0
+    y, p, s = y[keep], p[keep], s[keep]
+    if y.size == 0:
+        raise ValueError("bootstrap_ci: no labelled rows")
+    alone = np.array([f"(no subject) row {i}" for i in range(s.size)], dtype=object)
+    s = np.where(s == "", alone, s)
+    names, group = np.unique(s.astype(str), return_inverse=True)
+    members = [np.flatnonzero(group == g) for g in range(names.size)]
+    rng = np.random.default_rng(seed)
+    values: dict[str, list[float]] = {m: [] for m in CI_METRICS}
+    for _ in range(n_boot):
+        rows = np.concatenate([members[g] for g in rng.integers(0, names.size, names.size)])
+        yb, pb = y[rows], p[rows]
+        m = _point_metrics(yb, pb, threshold)
+        has = {0: bool((yb == 0).any()), 1: bool((yb == 1).any())}
+        defined = {"f1": True, "accuracy": True, "auc": m["auc"] is not None,
+                   "sensitivity": has[1], "specificity": has[0]}
+        for k in CI_METRICS:
+            if defined[k]:
+                values[k].append(float(m[k]))
+    a = (1.0 - level) / 2.0
+    out: dict = {"n_images": int(y.size), "n_subjects": int(names.size), "n_boot": int(n_boot),
+                 "level": float(level), "seed": int(seed)}
+    for k in CI_METRICS:
+        v = np.asarray(values[k])
+        out[k] = {"low": float(np.quantile(v, a)) if v.size else None,
+                  "high": float(np.quantile(v, 1.0 - a)) if v.size else None,
+                  "n_valid": int(v.size)}
+    return out

@@ -4,6 +4,11 @@ Classifies cell images with a saved ensemble (no Ray needed): one CSV row ``path
 per image, pred ``all`` or ``hem`` by the artifact's threshold. Folders are searched recursively
 for image files; an image that cannot be decoded is reported on stderr and skipped.
 
+Images are resized and normalised as the manifest's ``preprocessing`` says (the backbone's, what
+training used; ``Ensemble.preprocessing``). On CUDA the models run channels_last under
+``torch.inference_mode``, with bf16 (fp16 where bf16 is not native) autocast when the artifact's
+``train.amp`` is on (``leuk_ray.engine.inference_settings``); on CPU in fp32.
+
     rows, skipped = predict_paths(load_artifact(dir), ["cells/"], tta=False, batch_size=64)
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ from leuk_ray.artifact import Ensemble, load_artifact
 from leuk_ray.cli import run_main
 from leuk_ray.data import IMAGE_EXTS, CellDataset, ImageDecodeError, read_image
 from leuk_ray.data.decode import is_image_name
+from leuk_ray.data.transforms import Preprocessing
 from leuk_ray.errors import UserError
 
 CHUNK = 512          # images decoded and predicted at a time (bounds memory for huge inputs)
@@ -61,15 +67,17 @@ def _why(e: ImageDecodeError, path: str) -> str:
     return msg[len(path) + 2:] if msg.startswith(f"{path}: ") else msg
 
 
-def _decode(paths: Sequence[str], size: int, threads: int) -> tuple[list[int], np.ndarray,
-                                                                     list[tuple[str, str]]]:
-    """(indices of the good paths, their images (n, size, size, 3), [(bad path, why)])."""
+def _decode(paths: Sequence[str], prep: Preprocessing,
+            threads: int) -> tuple[list[int], np.ndarray, list[tuple[str, str]]]:
+    """(indices of the good paths, their images (n, size, size, 3) resized as ``prep`` says,
+    [(bad path, why)])."""
+    size = prep.image_size
     images = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
     errors: dict[int, str] = {}
 
     def one(i: int) -> None:
         try:
-            images[i] = read_image(paths[i], size)
+            images[i] = read_image(paths[i], size, prep.interpolation)
         except ImageDecodeError as e:
             errors[i] = _why(e, paths[i])
 
@@ -87,26 +95,29 @@ def predict_paths(ensemble: Ensemble, paths: Sequence[str | Path], *, tta: bool 
     """Predict every image under ``paths``: (rows in input order, [(skipped path, why)]).
 
     ``on_skip(path, why)`` is called as each undecodable image is met and ``progress(done,
-    total)`` after each chunk of images.
+    total)`` after each chunk of images. Images are decoded, resized and normalised as the
+    artifact's manifest says (``ensemble.preprocessing``: the backbone's, from training).
     """
+    ensemble.calibration_for(tta)  # an artifact calibrated without TTA refuses --tta up front
     files = find_images(paths)
-    size = ensemble.image_size
+    prep = ensemble.preprocessing
     threads = max(1, min(8, os.cpu_count() or 1))
     rows: list[Prediction] = []
     skipped: list[tuple[str, str]] = []
     for start in range(0, len(files), CHUNK):
         chunk = files[start:start + CHUNK]
-        good, images, bad = _decode(chunk, size, threads)
+        good, images, bad = _decode(chunk, prep, threads)
         for path, why in bad:
             if on_skip is not None:
                 on_skip(path, why)
         skipped += bad
         if good:
             names = [chunk[i] for i in good]
-            ds = CellDataset(names, [-1] * len(names), size, images=images)
+            ds = CellDataset(names, [-1] * len(names), prep.image_size, images=images,
+                             interpolation=prep.interpolation)
             probs, _ = ensemble.predict(ds, tta=tta, batch_size=batch_size, device=device)
             rows += [Prediction(n, float(p), lab)
-                     for n, p, lab in zip(names, probs, ensemble.label(probs))]
+                     for n, p, lab in zip(names, probs, ensemble.label(probs, tta=tta))]
         if progress is not None:
             progress(min(start + CHUNK, len(files)), len(files))
     return rows, skipped
@@ -166,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = write_csv(rows, args.out)
     n_all = sum(r.pred == "all" for r in rows)
     print(f"wrote {out}: {len(rows)} image(s) ({n_all} all, {len(rows) - n_all} hem; threshold "
-          f"{ensemble.threshold:.4f}, {len(ensemble.models)} fold models on {ensemble.device}"
+          f"{ensemble.calibration_for(args.tta).threshold:.4f}, {len(ensemble.models)} fold "
+          f"models on {ensemble.device}"
           f"{', TTA' if args.tta else ''}); skipped {len(skipped)} undecodable image(s)")
     return 0
 

@@ -2,10 +2,13 @@
 
     write_report(artifact_dir / "report", title="...", metrics=test_metrics, y_true=y,
                  prob_all=p, threshold=thr, fold_scores=scores, subjects=subj,
-                 comparison={"fold 0": m0, "ensemble": m, "ensemble + TTA": m_tta}, temperature=T)
+                 comparison={"fold 0": m0, "ensemble": m, "ensemble + TTA": m_tta},
+                 calibration={"plain": cal.to_dict(), "tta": None}, model=model_info,
+                 ci=bootstrap_ci(...), columns={"out-of-fold": oof_metrics})
 
-``metrics`` is ``leuk_ray.metrics.classification_metrics`` output (computed by the caller: this
-module only draws and tabulates). Rows labelled -1 are left out. A test set with one class has no
+``metrics``, ``ci`` and ``columns`` come from ``leuk_ray.metrics`` (computed by the caller: this
+module only draws and tabulates; the reliability diagram uses ``metrics.reliability_bins``, the
+binning of the ECE). Rows labelled -1 are left out. A test set with one class has no
 ROC curve: roc.png then says so and report.md carries a note.
 """
 from __future__ import annotations
@@ -21,9 +24,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from leuk_ray.metrics import expected_calibration_error, reliability_bins  # noqa: E402
+
 CLASS_NAMES = ("hem", "all")
 PLOTS = ("roc.png", "confusion.png", "folds.png", "calibration.png")
-_BINS = 10
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -109,24 +113,29 @@ def plot_folds(path: Path, fold_scores: Sequence[dict]) -> None:
     _save(fig, path)
 
 
-def plot_calibration(path: Path, y: np.ndarray, p: np.ndarray, ece: float | None) -> None:
-    """Reliability diagram: mean P(ALL) vs observed fraction of ALL per bin, and bin counts."""
-    idx = np.clip((p * _BINS).astype(int), 0, _BINS - 1)
-    mids, fracs, counts = [], [], np.bincount(idx, minlength=_BINS)
-    for b in range(_BINS):
-        m = idx == b
-        if m.any():
-            mids.append(p[m].mean())
-            fracs.append(y[m].mean())
+def plot_calibration(path: Path, y: np.ndarray, p: np.ndarray) -> float:
+    """Reliability diagram: observed fraction of ALL against mean P(ALL) per bin, and bin counts.
+
+    The bins are ``leuk_ray.metrics.reliability_bins``, the same ones the ECE is computed on; the
+    ECE in the title is computed from them here. Returns that ECE."""
+    r = reliability_bins(y, p)
+    ece = expected_calibration_error(y, p)
+    filled = r.count > 0
+    width = r.edges[1] - r.edges[0]
     fig, (ax, axh) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True,
                                   gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect")
-    ax.plot(mids, fracs, "o-", lw=2, label="ensemble")
-    ax.set(ylabel="fraction ALL", ylim=(0, 1), title=f"calibration (ECE {_fmt(ece, 3)})")
-    ax.legend(loc="upper left")
-    axh.bar((np.arange(_BINS) + 0.5) / _BINS, counts, width=0.9 / _BINS, color="grey")
+    ax.bar(r.edges[:-1][filled], r.frac_all[filled], width=width, align="edge", color="C0",
+           alpha=0.25, edgecolor="C0", label="fraction ALL per bin")
+    ax.plot(r.mean_prob[filled], r.frac_all[filled], "o-", color="C0", lw=2,
+            label="at the bin's mean P(ALL)")
+    ax.set(ylabel="fraction ALL", xlim=(0, 1), ylim=(0, 1),
+           title=f"calibration: ECE {_fmt(ece, 3)} ({r.count.size} bins of P(ALL))")
+    ax.legend(loc="upper left", fontsize=8)
+    axh.bar(r.edges[:-1], r.count, width=width, align="edge", color="grey", edgecolor="white")
     axh.set(xlabel="predicted P(ALL)", ylabel="images", xlim=(0, 1))
     _save(fig, path)
+    return ece
 
 
 def _save(fig, path: Path) -> None:
@@ -147,12 +156,64 @@ def _per_subject(metrics: dict, y: np.ndarray, pred: np.ndarray,
     return [(s, counts.get(s, ""), acc[s]) for s in sorted(acc)]
 
 
+def _weights_text(w: Any) -> str:
+    """The manifest's "weights" entry (``WeightsInfo``: architecture, source, file, sha256)."""
+    if not isinstance(w, dict):
+        return _fmt(w)
+    source = str(w.get("source") or "?")
+    if source == "none":
+        return "none (random initialisation)"
+    text = source + (f", file {w['file']}" if w.get("file") else "")
+    if w.get("architecture"):
+        text += f", for {w['architecture']}"
+    if w.get("sha256"):
+        text += f", sha256 {str(w['sha256'])[:12]}"
+    return text
+
+
+def _model_section(model: dict) -> list[str]:
+    left = model.get("left_out_undecodable") or 0
+    unusable = model.get("unusable_files") or 0
+    rows = [
+        ("backbone", f"{model.get('backbone', '?')} (head {model.get('head', '?')})"),
+        ("starting weights", _weights_text(model.get("weights"))),
+        ("image size", f"{model.get('image_size', '?')} px"),
+        ("trained on", f"{model.get('train_images', '?')} images of "
+                       f"{model.get('train_subjects', '?')} subjects, {model.get('folds', '?')} "
+                       f"fold models" + (f" ({left} undecodable image(s) left out)" if left
+                                         else "")
+                       + (f"; {unusable} unusable file(s) in the data set aside"
+                          if unusable else "")),
+        ("data", f"{model.get('data', '?')} (split {model.get('split', '?')})"),
+        ("smoke test", "YES: a tiny test model, not for use" if model.get("smoke_test")
+         else "no"),
+        ("leuk-ray version", model.get("leuk_ray_version", "?")),
+    ]
+    return ["## Model", ""] + _table(["", ""], rows)
+
+
+def _ci_text(ci: dict | None, key: str) -> str:
+    c = (ci or {}).get(key) or {}
+    if c.get("low") is None:
+        return "n/a"
+    return f"{c['low']:.4f} to {c['high']:.4f}"
+
+
 def write_report(report_dir: str | Path, *, title: str, metrics: dict,
                  y_true: Sequence[int] | np.ndarray, prob_all: Sequence[float] | np.ndarray,
                  threshold: float, fold_scores: Sequence[dict],
                  subjects: Sequence[str] | None = None, comparison: dict[str, dict] | None = None,
-                 temperature: float | None = None) -> Path:
-    """Write roc.png, confusion.png, folds.png, calibration.png and report.md; returns report.md."""
+                 calibration: dict | None = None, model: dict | None = None,
+                 ci: dict | None = None, columns: dict[str, dict] | None = None,
+                 main_column: str = "value") -> Path:
+    """Write roc.png, confusion.png, folds.png, calibration.png and report.md; returns report.md.
+
+    ``metrics`` (of ``y_true``/``prob_all``) fills the key-numbers column ``main_column``, with
+    ``ci`` (``leuk_ray.metrics.bootstrap_ci``) beside it; ``columns`` adds more columns of
+    metrics (e.g. with TTA, out-of-fold). ``model`` (final's ``describe_model``) fills the Model
+    section; when it says smoke test, the first line says so. ``calibration`` is
+    {"plain": {temperatures, threshold}, "tta": ... or None}.
+    """
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     y_all = np.asarray(y_true, dtype=np.int64).ravel()
@@ -168,17 +229,50 @@ def write_report(report_dir: str | Path, *, title: str, metrics: dict,
     has_roc = plot_roc(out / "roc.png", y, p, metrics.get("auc"))
     cm = plot_confusion(out / "confusion.png", y, p, threshold)
     plot_folds(out / "folds.png", fold_scores)
-    plot_calibration(out / "calibration.png", y, p, metrics.get("ece"))
+    plot_calibration(out / "calibration.png", y, p)
 
-    md = [f"# {title}", "", f"{int(y.size)} labelled test images "
-          f"({int((y == 1).sum())} ALL, {int((y == 0).sum())} HEM).", "", "## Key numbers", ""]
-    md += _table(["metric", "value"], [
-        ("weighted F1", metrics.get("f1")), ("accuracy", metrics.get("accuracy")),
-        ("ROC-AUC", metrics.get("auc")), ("sensitivity (ALL recall)", metrics.get("sensitivity")),
-        ("specificity (HEM recall)", metrics.get("specificity")),
-        ("expected calibration error", metrics.get("ece")),
-        ("decision threshold on P(ALL)", float(threshold)),
-        ("temperature", None if temperature is None else float(temperature))])
+    smoke = bool((model or {}).get("smoke_test"))
+    first = f"# SMOKE TEST MODEL, not for use: {title}" if smoke else f"# {title}"
+    md = [first, ""]
+    if model:
+        md += _model_section(model) + [""]
+    n_subj = len(set(subj) - {""}) if subj is not None else None
+    md += [f"{main_column}: {int(y.size)} labelled images ({int((y == 1).sum())} ALL, "
+           f"{int((y == 0).sum())} HEM)"
+           + (f" of {n_subj} subjects" if n_subj is not None else "") + ".", ""]
+    for name, m in (columns or {}).items():
+        if m.get("n") is not None and m["n"] != y.size:
+            md += [f"{name}: {m['n']} labelled images.", ""]
+    md += ["## Key numbers", ""]
+    names = [("weighted F1", "f1"), ("accuracy", "accuracy"), ("ROC-AUC", "auc"),
+             ("sensitivity (ALL recall)", "sensitivity"),
+             ("specificity (HEM recall)", "specificity"),
+             ("expected calibration error", "ece")]
+    header = ["metric", main_column]
+    if ci:
+        header.append(f"{int(round(100 * ci.get('level', 0.95)))}% CI (bootstrap over "
+                      f"{ci.get('n_subjects')} subjects, {ci.get('n_boot')} resamples)")
+    header += list(columns or {})
+    rows = []
+    for label, key in names:
+        row: list[Any] = [label, metrics.get(key)]
+        if ci:
+            row.append(_ci_text(ci, key) if key != "ece" else "")
+        row += [m.get(key) for m in (columns or {}).values()]
+        rows.append(row)
+    md += _table(header, rows)
+    md += ["", f"Decision threshold on P(ALL): {_fmt(float(threshold))}."]
+    if ci:
+        md += ["", f"Confidence intervals: percentile intervals of {ci.get('n_boot')} bootstrap "
+                   f"resamples of the {ci.get('n_subjects')} subjects (all images of a drawn "
+                   f"subject, {ci.get('n_images')} images in all; seed {ci.get('seed')})."]
+    if columns:
+        md += ["", "Out-of-fold: each training image scored by the one fold model that did not "
+                   "train on it (temperature-scaled per fold); the test columns score the "
+                   "ensemble."]
+    if calibration:
+        md += ["", "## Calibration", ""]
+        md += _calibration_lines(calibration)
     md += ["", "## Per class", ""]
     md += _table(["class", "precision", "recall", "F1"], [
         (c, metrics.get(f"precision_{c}"), metrics.get(f"recall_{c}"), metrics.get(f"f1_{c}"))
@@ -207,3 +301,17 @@ def write_report(report_dir: str | Path, *, title: str, metrics: dict,
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path
+
+
+def _calibration_lines(calibration: dict) -> list[str]:
+    lines = ["Each fold model's P(ALL) is temperature-scaled with its own temperature (fitted on "
+             "its out-of-fold images), the ensemble's P(ALL) is the mean of the scaled fold "
+             "probabilities, and the threshold was chosen on the scaled out-of-fold "
+             "probabilities (never on the test set).", ""]
+    rows = []
+    for kind, label in (("plain", "without TTA"), ("tta", "with TTA")):
+        c = calibration.get(kind)
+        if c:
+            rows.append((label, ", ".join(f"{T:.3f}" for T in c["temperatures"]),
+                         float(c["threshold"])))
+    return lines + _table(["outputs", "temperature per fold", "threshold"], rows)

@@ -38,6 +38,7 @@ from leuk_ray.errors import UserError
 from leuk_ray.fold_trainer import SCORE
 from leuk_ray.search_space import SearchSpace, apply_params, load_space
 from leuk_ray.trial import trial_fn
+from leuk_ray.weights import check_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOKE_SPACE = "search_spaces/smoke.yaml"
@@ -77,6 +78,17 @@ class PruneAwareOptunaSearch(OptunaSearch):
                 self._completed_trials.add(trial_id)
             return
         super().on_trial_complete(trial_id, result, error)
+
+
+def make_sampler(seed: int) -> optuna.samplers.TPESampler:
+    """Optuna's TPE sampler, seeded, with the constant liar on.
+
+    Several trials run at once: with ``constant_liar`` Optuna treats the running trials as bad
+    results while it samples, so concurrent trials are not proposed next to each other. Passed
+    explicitly: its default has changed between Optuna versions (False before 5.0, True since), and
+    the behaviour of a parallel search should not depend on which one is installed.
+    """
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
 # ------------------------------------------------------------------------ ASHA that survives resume
@@ -155,28 +167,47 @@ def trial_row(trial: Any, space_keys: list[str], ended: str = "",
     ``ended`` is 'completed'/'failed' for the trial Tune is ending right now (its status is not
     final yet); ``pruned`` maps the trials ASHA stopped to the epoch it stopped them at.
     """
-    res = trial.last_result or {}
     status = {"TERMINATED": "ended", "ERROR": "failed", "RUNNING": "running",
               "PENDING": "pending", "PAUSED": "paused"}.get(trial.status, trial.status.lower())
     if ended and status in ("running", "pending", "paused"):
         status = "failed" if ended == "failed" else "ended"
+    error = trial.get_error() if status == "failed" else None
+    return _row(trial.trial_id, status, error, trial.config, trial.last_result or {}, space_keys,
+                pruned)
+
+
+def result_row(result: Any, space_keys: list[str],
+               pruned: dict[str, int] | None = None) -> dict[str, Any]:
+    """The same row from a ``ray.tune.Result`` of the ``ResultGrid`` that ``Tuner.fit`` returns.
+
+    Values keep their types (a searched boolean stays a bool): the best config is built from these
+    rows, never from trials.csv's text. A trial that never reported has no id or metrics; it
+    counts as interrupted.
+    """
+    res = dict(result.metrics or {})
+    status = "failed" if result.error is not None else "ended"
+    return _row(str(res.get("trial_id", "")), status, result.error, result.config, res,
+                space_keys, pruned)
+
+
+def _row(trial_id: str, status: str, error: Any, config: dict | None, res: dict,
+         space_keys: list[str], pruned: dict[str, int] | None) -> dict[str, Any]:
     reason = ""
     if status == "failed":
-        err = trial.get_error()
-        reason = (str(err).strip().splitlines() or ["error"])[-1][:300] if err else "error"
+        reason = (str(error).strip().splitlines() or ["error"])[-1][:300] if error else "error"
     elif status == "ended":
         if res.get("pruned_reason"):
             status, reason = "pruned", str(res["pruned_reason"])
         elif res.get("trial_finished"):
             status = "completed"
-        elif trial.trial_id in (pruned or {}):
+        elif trial_id in (pruned or {}):
             status = "pruned"
-            reason = (f"ASHA stopped it at epoch {pruned[trial.trial_id]} (below its rung's "
+            reason = (f"ASHA stopped it at epoch {pruned[trial_id]} (below its rung's "
                       "cutoff)")
         else:
             status = "interrupted"  # stopped by Ctrl+C or a lost driver: --resume reruns it
-    flat = _flatten(trial.config)
-    row: dict[str, Any] = {"trial_id": trial.trial_id, "status": status, "reason": reason}
+    flat = _flatten(config or {})
+    row: dict[str, Any] = {"trial_id": trial_id, "status": status, "reason": reason}
     row.update({k: flat.get(k) for k in space_keys})
     row.update({
         "mean_val_f1": res.get(SCORE),
@@ -332,6 +363,9 @@ def _setup(args: argparse.Namespace) -> tuple[Config, SearchSpace, cluster.RunFi
         args.smoke_test = True
     if args.resume and not args.name:
         raise UserError("--resume needs --name NAME of the search to continue")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UserError(f"--num-samples {args.num_samples}: use a positive number of trials "
+                        "(leave it out for search.num_samples)")
     cfg = config_from_args(args)
     storage = cluster.resolve_storage(args.storage_path or cfg.search.storage_path)
     name = args.name or cfg.search.name or time.strftime("search-%Y%m%d-%H%M%S")
@@ -344,7 +378,7 @@ def _setup(args: argparse.Namespace) -> tuple[Config, SearchSpace, cluster.RunFi
         cfg, _ = config_from_yaml_with_extras(files.local / "config.yaml")
         space = load_space(files.local / "space.yaml", cfg)
         num_samples = cfg.search.num_samples
-        if args.num_samples and args.num_samples != num_samples:
+        if args.num_samples is not None and args.num_samples != num_samples:
             raise UserError(f"--num-samples {args.num_samples}: this search was started with "
                             f"{num_samples}; a resumed search keeps its number of trials")
         return cfg, space, files, num_samples
@@ -352,7 +386,10 @@ def _setup(args: argparse.Namespace) -> tuple[Config, SearchSpace, cluster.RunFi
         set_value(cfg, "data.root", _demo_data(cfg.data.seed), where="--demo")
     if not cfg.data.root:
         raise UserError("no data: pass --data DIR (seed layout or the Kaggle C-NMC tree), or --demo")
-    num_samples = args.num_samples or cfg.search.num_samples
+    if not cluster.is_uri(cfg.data.root):  # best_config.yaml must work from any folder
+        set_value(cfg, "data.root", str(Path(cfg.data.root).expanduser().resolve()),
+                  where="--data")
+    num_samples = args.num_samples if args.num_samples is not None else cfg.search.num_samples
     set_value(cfg, "search.num_samples", num_samples, where="--num-samples")
     set_value(cfg, "search.name", name, where="--name")
     set_value(cfg, "search.storage_path", storage, where="--storage-path")
@@ -383,7 +420,8 @@ def _create(files: cluster.RunFiles, cfg: Config, space: SearchSpace,
 
 
 def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    done = [r for r in rows if r["status"] == "completed" and isinstance(r["mean_val_f1"], float)]
+    done = [r for r in rows if r["status"] == "completed"
+            and isinstance(r["mean_val_f1"], (int, float)) and math.isfinite(r["mean_val_f1"])]
     return max(done, key=lambda r: r["mean_val_f1"]) if done else None
 
 
@@ -398,6 +436,7 @@ def _trainable(cfg: Config, prepared: PreparedData, folds_path: str) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg, space, files, num_samples = _setup(args)
+    check_weights(cfg.model)  # backbone name and weights: fail before the data and Ray
     exp_dir, name = files.local, files.name
     print(f"search '{name}': {num_samples} trials over {', '.join(space.keys)}", flush=True)
     prepared = prepare_data(cfg.data)
@@ -426,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         searcher = PruneAwareOptunaSearch(
             space=space.optuna_space(), metric=SCORE, mode="max",
             points_to_evaluate=space.optuna_points() or None,
-            sampler=optuna.samplers.TPESampler(seed=cfg.search.seed))
+            sampler=make_sampler(cfg.search.seed))
         scheduler = (ResumableASHA(time_attr="epoch", max_t=cfg.train.epochs,
                                    grace_period=min(cfg.search.grace_period, cfg.train.epochs),
                                    reduction_factor=cfg.search.reduction_factor, files=files)
@@ -441,10 +480,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                 cfg.train.epochs)],
                                       verbose=0),
         )
-    tuner.fit()  # a restored tuner keeps the callbacks it was created with (SearchProgress)
-
-    with (exp_dir / "trials.csv").open() as f:
-        rows = [_typed(r) for r in csv.DictReader(f)]
+    # a restored tuner keeps the callbacks it was created with (SearchProgress, which keeps
+    # trials.csv current); the summary and the best config come from Tune's typed results
+    results = tuner.fit()
+    pruned = read_pruned(exp_dir)
+    rows = [result_row(r, space.keys, pruned) for r in results]
     write_optuna_trials(files.uri, exp_dir / "optuna_trials.csv")
     files.push("optuna_trials.csv")
     best = _best(rows)
@@ -460,10 +500,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"no trial completed; see {files.uri}/trials.csv", flush=True)
         return 1
     best_cfg = apply_params(cfg, {k: best[k] for k in space.keys})
-    folds = [best[f"fold_{i}_val_f1"] for i in range(int(best["folds"]))]
+    folds = [float(best[f"fold_{i}_val_f1"]) for i in range(int(best["folds"]))]
     save_config(best_cfg, exp_dir / "best_config.yaml", extra={
-        "cv_score": best["mean_val_f1"], "cv_fold_scores": folds, "trial_id": best["trial_id"],
-        "search": files.uri})
+        "cv_score": float(best["mean_val_f1"]), "cv_fold_scores": folds,
+        "trial_id": best["trial_id"], "search": files.uri})
     files.push("best_config.yaml")
     print(f"best trial {best['trial_id']}: mean F1 {best['mean_val_f1']:.4f} "
           f"(folds {', '.join(f'{x:.4f}' for x in folds)})")
@@ -487,22 +527,6 @@ def write_optuna_trials(exp_path: str, out: Path) -> None:
     except (FileNotFoundError, RuntimeError):
         return
     searcher._ot_study.trials_dataframe().to_csv(out, index=False)  # noqa: SLF001
-
-
-def _typed(row: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in row.items():
-        if k in ("trial_id", "status", "reason"):
-            out[k] = v
-            continue
-        if v in ("", "None"):
-            out[k] = None
-            continue
-        try:
-            out[k] = int(v) if v.lstrip("-").isdigit() else float(v)
-        except ValueError:
-            out[k] = v
-    return out
 
 
 if __name__ == "__main__":

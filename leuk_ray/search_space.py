@@ -9,12 +9,13 @@
       - {train.lr: 1.0e-5, train.focal_gamma: 1.5, model.dropout: 0.2}
 
 Types: uniform, loguniform (low > 0), int (integers low..high), choice (values list).
-Every key must be a config key (see ``python -m leuk_ray.search --help``); bounds must lie in the
-key's allowed range. Optuna sees the keys with '/' instead of '.' (``train/lr``), which is also how
+Every key must be one of ``SEARCHABLE`` (the model head's and the training keys that change what a
+trial learns); bounds must lie in the key's allowed range. Optuna sees the keys with '/' instead of '.' (``train/lr``), which is also how
 Tune nests them in a trial's config.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,36 @@ from leuk_ray.config import Config, check_key, from_dict, read_yaml, set_value, 
 from leuk_ray.errors import UserError
 
 TYPES = ("uniform", "loguniform", "int", "choice")
+
+# What a trial may vary: the model and training keys, less FIXED. Everything else is fixed for a whole search, because the trials must be
+# comparable and the best one must be what `final` rebuilds: data.* defines the folds every trial
+# is scored on (and the trials would not see a searched value: they share one prepared split);
+# train.epochs is ASHA's budget (max_t); model.backbone/pretrained/pretrained_path pick the weights
+# checked before Ray starts; device, threads, seed, determinism and the non-finite limit are run
+# settings; ray.*, search.* and final.* configure the run, not the model.
+FIXED = ("model.backbone", "model.pretrained", "model.pretrained_path", "model.pretrained_arch",
+         "train.epochs",
+         "train.device", "train.threads", "train.seed", "train.deterministic", "train.max_nonfinite")
+SEARCHABLE = tuple(f"{section}.{f.name}" for section in ("model", "train")
+                   for f in dataclasses.fields(getattr(Config(), section))
+                   if f"{section}.{f.name}" not in FIXED)
+_FIXED_WHY = {
+    "data": "the data and its folds are the same for every trial",
+    "train.epochs": "it is ASHA's budget: set it for the whole search with --set train.epochs=N",
+    "model.backbone": "run one search per backbone (--set model.backbone=NAME)",
+    "model.pretrained": "the starting weights are fixed for a whole search",
+    "model.pretrained_path": "the starting weights are fixed for a whole search",
+    "model.pretrained_arch": "the starting weights are fixed for a whole search",
+}
+
+
+def _check_searchable(key: str, where: str) -> None:
+    if key in SEARCHABLE:
+        return
+    why = _FIXED_WHY.get(key) or _FIXED_WHY.get(key.split(".")[0]) or \
+        "it is a run setting, fixed for a whole search (set it with --set)"
+    raise UserError(f"{where}: params.{key} cannot be searched: {why}; searchable keys: "
+                    f"{', '.join(SEARCHABLE)}")
 
 
 @dataclass
@@ -149,6 +180,7 @@ def load_space(path: str | Path, base: Config | None = None) -> SearchSpace:
     params: dict[str, Param] = {}
     for key, spec in d["params"].items():
         check_key(str(key), where=f"{where}: params")
+        _check_searchable(str(key), where)
         params[key] = _parse_param(base, key, spec, where)
     first = d.get("first") or []
     if not isinstance(first, list):

@@ -25,9 +25,10 @@ from leuk_ray.cli import common_parser, config_from_args, run_main
 from leuk_ray.config import Config, save_config, to_dict
 from leuk_ray.data import fold_datasets, prepare_data
 from leuk_ray.data.cache import image_cache
+from leuk_ray.data.transforms import preprocessing_for
 from leuk_ray.engine import FoldResult, FoldRun, fit_fold, load_checkpoint, save_checkpoint
 from leuk_ray.errors import UserError
-from leuk_ray.model import check_backbone_name
+from leuk_ray.weights import check_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(args)
     if not cfg.data.root:
         raise UserError("no data: pass --data DIR (or --demo)")
-    check_backbone_name(cfg.model.backbone)  # fail before the data is read
+    check_weights(cfg.model)  # backbone name and weights: fail before the data is read
 
     if not args.resume and (out / "config.yaml").exists():
         raise UserError(f"{out} holds an earlier run: pass --resume to continue it, or another "
@@ -78,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"training {len(folds)} fold(s) of {prepared.n_folds} on {len(prepared.train)} images "
           f"({cfg.model.backbone}, {cfg.data.image_size} px, up to {cfg.train.epochs} epochs) "
           f"-> {out}", flush=True)
-    images, bad = image_cache(cfg.data, prepared)
+    images, bad = image_cache(cfg.data, prepared, preprocessing_for(cfg).interpolation)
     results: list[FoldResult] = []
     oof_parts: list[pd.DataFrame] = []
     for fold in folds:
@@ -107,7 +108,8 @@ def _demo_data(root: Path) -> Path:
 def train_fold(cfg: Config, prepared, fold: int, out: Path, *, resume: bool,
                images: dict | None = None, bad: Sequence[str] = ()):
     """Train one fold (resuming from its state file if asked) and write fold_<i>.pt."""
-    train_ds, val_ds = fold_datasets(prepared, fold, cfg.data, images=images, bad=bad)
+    train_ds, val_ds = fold_datasets(prepared, fold, cfg.data, images=images, bad=bad,
+                                     interpolation=preprocessing_for(cfg).interpolation)
     state_path = out / f"state_fold_{fold}.pt"
     state = None
     if resume and state_path.exists():

@@ -16,7 +16,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from leuk_ray.config import Config
 from leuk_ray.data import PreparedData
-from leuk_ray.fold_trainer import make_trainer
+from leuk_ray.fold_trainer import make_trainer, raise_user_error
 from leuk_ray.search_space import apply_params
 
 
@@ -30,4 +30,5 @@ def trial_fn(params: dict[str, Any], *, base: Config, prepared: PreparedData, fo
     trial_id = tune.get_context().get_trial_id()
     trainer = make_trainer(cfg, prepared, storage_path=folds_path, name=trial_id,
                            callbacks=[TuneReportCallback()])
-    trainer.fit()
+    result = trainer.fit()
+    raise_user_error(result.metrics)  # a fold's user error fails this trial, without retries

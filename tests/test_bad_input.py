@@ -368,6 +368,38 @@ def b_predict_empty_folder(root: Path, kit: Kit) -> list[str]:
             str(root / "preds.csv")]
 
 
+def b_space_unsearchable_key(root: Path, kit: Kit) -> list[str]:
+    (root / "space.yaml").write_text("params:\n"
+                                     "  train.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-3}\n"
+                                     "  data.image_size: {type: choice, values: [64, 128]}\n")
+    return _search_cmd(root, "--space", str(root / "space.yaml"))
+
+
+def b_search_num_samples_zero(root: Path, kit: Kit) -> list[str]:
+    return _search_cmd(root, "--num-samples", "0")
+
+
+def _finished_search(root: Path, kit: Kit) -> Path:
+    """A search directory as a finished search and final leave it: best_config.yaml, ensemble/."""
+    from leuk_ray.config import load_config, save_config
+
+    search = root / "results" / "s1"
+    cfg = load_config(None, [f"data.root={_seed_tree(root / 'data')}"], smoke=True)
+    save_config(cfg, search / "best_config.yaml", extra={"cv_score": 0.5, "trial_id": "t1"})
+    kit.artifact(search / "ensemble")
+    return search
+
+
+def b_final_existing_artifact(root: Path, kit: Kit) -> list[str]:
+    return ["--from", str(_finished_search(root, kit))]
+
+
+def b_predict_search_dir(root: Path, kit: Kit) -> list[str]:
+    search = _finished_search(root, kit)
+    _img(root / "cells" / "a.png", 1, (64, 64, 3))
+    return ["--model", str(search), str(root / "cells"), "--out", str(root / "preds.csv")]
+
+
 # ------------------------------------------------------------------------------------ the table
 @dataclass(frozen=True)
 class Case:
@@ -447,6 +479,16 @@ CASES = [
          ("{root}/ensemble", "fold_0.pt", "checksum mismatch", "rerun leuk_ray.final")),
     Case("predict-empty-folder", "predict", b_predict_empty_folder,
          ("{root}/cells", "no image files found", ".bmp")),
+    # --- issue 14: search spaces, --num-samples, final's output, predict --model
+    Case("search-space-unsearchable-key", "search", b_space_unsearchable_key,
+         ("{root}/space.yaml", "params.data.image_size cannot be searched",
+          "searchable keys: model.head")),
+    Case("search-num-samples-zero", "search", b_search_num_samples_zero,
+         ("--num-samples 0", "positive number of trials")),
+    Case("final-existing-artifact", "final", b_final_existing_artifact,
+         ("{root}/results/s1/ensemble", "already holds an ensemble artifact", "--overwrite")),
+    Case("predict-search-dir", "predict", b_predict_search_dir,
+         ("{root}/results/s1", "search directory", "--model {root}/results/s1/ensemble")),
 ]
 
 

@@ -161,3 +161,23 @@ def test_dataset_over_memmap_matches_decoding(synth_root: Path, cache_dir: Path)
     loader = torch.utils.data.DataLoader(va, batch_size=8, num_workers=2)
     xs = torch.cat([x for x, _ in loader])
     assert torch.equal(xs, torch.stack([va[i][0] for i in range(len(va))]))
+
+
+def test_the_interpolation_is_part_of_the_key(synth_root: Path, cache_dir: Path) -> None:
+    """The backbone's interpolation (timm's name) resizes the cached pixels: another one is
+    another cache file, and per-item decoding resizes the same way."""
+    d = dcfg(synth_root)
+    p = prepare_data(d)
+    paths = p.train["path"].tolist()
+    cubic, _ = image_cache(d, p, "bicubic")
+    linear, _ = image_cache(d, p, "bilinear")
+    assert len(_files(cache_dir)) == 2
+    first = paths[0]
+    assert np.array_equal(cubic[first], read_image(first, SIZE, "bicubic"))
+    assert np.array_equal(linear[first], read_image(first, SIZE, "bilinear"))
+    assert not np.array_equal(cubic[first], linear[first])
+    _, _, built = node_cache(paths, SIZE, interpolation="bilinear")
+    assert not built
+    _, va = fold_datasets(p, 0, d, interpolation="bilinear")  # no cache: decoded per item
+    assert va.interpolation == "bilinear"
+    assert np.array_equal(va[0][0].numpy(), read_image(va.paths[0], SIZE, "bilinear"))

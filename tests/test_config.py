@@ -92,3 +92,52 @@ def test_cli_bad_set_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.lr" in lines[0] and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------ every layer checked; smoke shrinks
+def test_bad_value_in_the_file_is_an_error_even_with_smoke_test(tmp_path):
+    p = tmp_path / "user.yaml"
+    p.write_text("train: {lr: -1}\n")
+    with pytest.raises(UserError) as e:
+        load_config(p, smoke=True)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: train.lr = -1") and "out of range" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("override", ["train.lr=1e-3", "data.max_images=0"])
+def test_bad_value_in_the_file_is_an_error_even_when_set_replaces_it(tmp_path, override):
+    p = tmp_path / "user.yaml"
+    p.write_text("train: {lr: -1}\n")
+    with pytest.raises(UserError, match=rf"^{p}: train\.lr = -1"):
+        load_config(p, [override])
+    q = tmp_path / "holdout.yaml"
+    q.write_text("data: {holdout: [0.5, 0.5, 0.5]}\n")
+    with pytest.raises(UserError, match=rf"^{q}: data\.holdout"):
+        load_config(q, ["data.holdout=[0.7, 0.15, 0.15]"])
+
+
+def test_every_layer_is_checked_as_applied(tmp_path):
+    with pytest.raises(UserError, match=r"^base config: model\.dropout = 1\.0"):
+        load_config(None, ["model.dropout=0.1"], base={"model": {"dropout": 1.0}})
+    with pytest.raises(UserError, match=r"^--set train\.epochs=0: train\.epochs"):
+        load_config(None, ["train.epochs=0", "train.epochs=3"])
+
+
+def test_smoke_test_only_shrinks_sizes_and_keeps_hyperparameters(tmp_path):
+    p = tmp_path / "user.yaml"
+    p.write_text("train: {lr: 2.0e-4, patience: 3, epochs: 2, batch_size: 4, threads: 0}\n"
+                 "data: {image_size: 32, max_images: 0, folds: 5}\n"
+                 "model: {pretrained_path: /nowhere/b3.safetensors, head: keras}\n")
+    cfg = load_config(p, smoke=True)
+    t, d, m = cfg.train, cfg.data, cfg.model
+    assert (t.lr, t.patience) == (pytest.approx(2e-4), 3)          # hyperparameters: the user's
+    assert (t.epochs, t.batch_size, d.image_size) == (2, 4, 32)      # already small: kept
+    assert (d.max_images, t.threads, d.folds) == (240, 1, 2)         # 0 = all, 5 folds: capped
+    assert (m.backbone, m.pretrained, m.pretrained_path, m.head) == \
+        ("test_efficientnet", False, "", "keras")
+    big = load_config(None, smoke=True)
+    assert (big.train.epochs, big.train.batch_size, big.data.image_size) == (6, 16, 64)
+    assert big.train.lr == Config().train.lr
+    q = tmp_path / "official.yaml"
+    q.write_text("data: {split: official, folds: 3}\n")
+    assert load_config(q, smoke=True).data.folds == 3  # the C-NMC split has exactly 3 folds

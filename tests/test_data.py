@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import cv2
@@ -139,6 +141,46 @@ def test_official_needs_kaggle(synth_root: Path) -> None:
     assert str(synth_root) in str(e.value)
 
 
+def linked_kaggle_tree(root: Path) -> Path:
+    """``kaggle_tree`` plus subjects that the C-NMC release links, in different official folds
+    (51 in fold_0 with 3 cells, 78 in fold_2 with 1; H2 in fold_0 with 3, H4 in fold_1, H6 in
+    fold_2; H3 in fold_1 with 3, H10 in fold_2), and subject 29 in fold_2 whose one image is a
+    copy of one of subject 12's (fold_1)."""
+    kaggle_tree(root)
+    tr = root / "training_data"
+    for i, (fold, cls, subject, n) in enumerate([
+            (0, "all", "51", 3), (2, "all", "78", 1), (1, "hem", "H4", 1), (2, "hem", "H6", 1),
+            (1, "hem", "H3", 3), (2, "hem", "H10", 1)]):
+        for c in range(n):
+            img(tr / f"fold_{fold}" / cls / f"UID_{subject}_{c + 1}_1_{cls}.bmp", 500 + 10 * i + c)
+    src = tr / "fold_1" / "all" / "UID_12_1_1_all.bmp"
+    (tr / "fold_2" / "all" / "UID_29_1_1_all.bmp").write_bytes(src.read_bytes())
+    return root
+
+
+def test_official_keeps_linked_subjects_together(tmp_path: Path) -> None:
+    root = linked_kaggle_tree(tmp_path / "kaggle")
+    d = cfg(root, split="official", folds=3)
+    p = prepare_data(d)  # refused before: the links span official folds
+    fold = p.train.groupby("subject")["fold"].agg(set)
+    for group, where in ((("51", "78"), 0), (("H2", "H4", "H6"), 0), (("H3", "H10"), 1),
+                         (("12", "29"), 1)):
+        assert all(fold[s] == {where} for s in group), (group, fold[list(group)])
+    unlinked = p.train[~p.train["subject"].isin(["78", "H4", "H6", "H10", "29"])]
+    assert (unlinked["fold"] == unlinked["split"].str[-1].astype(int)).all()  # the rest stays
+    moved = [w for w in p.warnings if w.startswith("WARNING: data.split = official")]
+    assert len(moved) == 4, p.warnings
+    w51 = next(w for w in moved if "51" in w)
+    assert all(s in w51 for s in ("78", "fold_0", "fold_2", "known C-NMC subject link"))
+    w12 = next(w for w in moved if "29" in w)
+    assert all(s in w12 for s in ("12", "fold_1", "fold_2", "identical image"))
+    for f in range(3):
+        assert_clean(*fold_frames(p, f))
+    from leuk_ray.data.audit import audit
+    report = audit(d)  # what `audit` prints and each run writes to warnings.txt
+    assert report["leaks"] == [] and set(moved) <= set(report["warnings"])
+
+
 # ------------------------------------------------------------------------------- splits, leakage
 def test_real_sample_folds_are_leak_free(cnmc_root: Path) -> None:
     p = prepare_data(cfg(cnmc_root, folds=3, seed=42))
@@ -171,6 +213,37 @@ def test_cross_subject_duplicates_stay_together(synth_root: Path) -> None:
     from leuk_ray.data.audit import duplicate_groups
     groups = {tuple(g["subjects"]) for g in duplicate_groups(p.train)}
     assert {("101", "102"), ("H101", "H103")} <= groups
+
+
+def png_with_text_chunk(png: bytes, text: bytes) -> bytes:
+    """``png`` with a tEXt chunk after IHDR: other bytes, the same pixels."""
+    body = b"tEXt" + b"Comment\0" + text
+    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+    return png[:33] + chunk + png[33:]  # 8-byte signature + 25-byte IHDR chunk
+
+
+def test_duplicates_found_by_pixels_not_bytes(synth_root: Path) -> None:
+    """One BMP saved again as PNG (two compression levels) and as a PNG with a text chunk, under
+    three other subjects, is found as one content: byte hashes saw four different files."""
+    train = synth_root / "train" / "all"
+    src = sorted(train.glob("UID_101_*.bmp"))[0]
+    pixels = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
+    for subject, level in ((102, 0), (103, 3)):
+        assert cv2.imwrite(str(train / f"UID_{subject}_90_1_all.png"), pixels,
+                           [cv2.IMWRITE_PNG_COMPRESSION, level])
+    ok, png = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    tagged = train / "UID_104_90_1_all.png"
+    tagged.write_bytes(png_with_text_chunk(png.tobytes(), b"re-saved by a viewer"))
+    copies = [src, train / "UID_102_90_1_all.png", train / "UID_103_90_1_all.png", tagged]
+    assert len({c.read_bytes() for c in copies}) == 4
+    assert all(np.array_equal(read_image(c), read_image(src)) for c in copies)
+    df = build_index(synth_root).df.set_index("path")
+    assert len({df.loc[str(c), "hash"] for c in copies}) == 1
+    from leuk_ray.data.audit import duplicate_groups
+    groups = {tuple(g["subjects"]) for g in duplicate_groups(df.reset_index())}
+    assert ("101", "102", "103", "104") in groups
+    p = prepare_data(cfg(synth_root, folds=3, seed=0))
+    assert p.train[p.train["subject"].isin(["101", "102", "103", "104"])]["fold"].nunique() == 1
 
 
 def test_audit_split_names_offenders(synth_root: Path) -> None:
@@ -211,6 +284,52 @@ def test_holdout(synth_root: Path) -> None:
     assert 0.5 < len(tr) / n < 0.85 and len(va) and len(carved)
     assert_clean(tr, va)
     assert_clean(p.train, test)
+
+
+def _realised(p) -> np.ndarray:
+    n = np.array([(p.train["fold"] == -1).sum(), (p.train["fold"] == 0).sum(),
+                  (p.test["split"] == "holdout_test").sum()])
+    return n / n.sum()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_holdout_fractions_real_sample(cnmc_root: Path, seed: int) -> None:
+    p = prepare_data(cfg(cnmc_root, split="holdout", seed=seed))  # seed 0 was 0.53/0.31/0.16
+    assert np.abs(_realised(p) - [0.70, 0.15, 0.15]).max() <= 0.05, _realised(p)
+    assert not any("data.holdout" in w for w in p.warnings), p.warnings
+
+
+def test_holdout_assign_minimises_deviation() -> None:
+    from leuk_ray.data.splits import holdout_assign
+    rng = np.random.default_rng(0)
+    rows = []
+    for lab, prefix in ((1, ""), (0, "H")):
+        for s, n in enumerate(rng.integers(5, 120, 25)):  # 25 subjects per class, 5..119 images
+            rows += [(f"{prefix}{s + 1}", lab, f"{prefix}{s}-{i}") for i in range(n)]
+    df = pd.DataFrame(rows, columns=["subject", "label", "hash"])
+    target = np.array([0.70, 0.15, 0.15])
+    parts = {}
+    for seed in range(5):
+        part = holdout_assign(df, list(target), seed)
+        parts[seed] = part
+        for lab in (0, 1):  # stratified: each class on its own within 5 points
+            got = np.bincount(part[df["label"] == lab], minlength=3)
+            assert np.abs(got / got.sum() - target).max() <= 0.05, (seed, lab, got)
+        assert (df.assign(part=part).groupby("subject")["part"].nunique() == 1).all()
+    assert np.array_equal(holdout_assign(df, list(target), 3), parts[3])  # deterministic by seed
+    assert any(not np.array_equal(parts[0], parts[s]) for s in range(1, 5))
+
+
+def test_holdout_warns_when_a_part_is_off(tmp_path: Path) -> None:
+    seed = 0
+    for cls, prefix in (("all", ""), ("hem", "H")):  # one big and two small subjects per class
+        for s, n in ((1, 20), (2, 2), (3, 2)):
+            for c in range(n):
+                seed += 1
+                img(tmp_path / "train" / cls / f"UID_{prefix}{s}_{c + 1}_1_{cls}.png", seed)
+    p = prepare_data(cfg(tmp_path, split="holdout", seed=0))
+    (w,) = [w for w in p.warnings if "data.holdout" in w]
+    assert w.startswith("WARNING") and "0.83/0.08/0.08" in w and "train" in w, w
 
 
 def test_image_level_fallback_warns(tmp_path: Path) -> None:
@@ -380,8 +499,11 @@ def test_decode_errors_name_the_file(tmp_path: Path) -> None:
 def test_fold_datasets_and_model_input(synth_root: Path) -> None:
     import torch
 
-    from leuk_ray.data.transforms import IMAGENET_MEAN, to_model_input, train_transform
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+    from leuk_ray.data.transforms import Preprocessing, to_model_input, train_transform
+
+    prep = Preprocessing(32, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     d = cfg(synth_root, image_size=32, folds=3)
     p = prepare_data(d)
     tr, va = fold_datasets(p, 1, d)
@@ -400,10 +522,10 @@ def test_fold_datasets_and_model_input(synth_root: Path) -> None:
     assert torch.equal(va2[i][0], va[len(va) - 1][0])  # cached == decoded on the fly
 
     batch = torch.stack([va[i][0] for i in range(4)])
-    z = to_model_input(batch, "cpu", channels_last=True)
+    z = to_model_input(batch, "cpu", channels_last=True, prep=prep)
     assert z.dtype == torch.float32 and z.is_contiguous(memory_format=torch.channels_last)
-    black = to_model_input(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), "cpu")
-    assert torch.allclose(black[0, :, 0, 0], -torch.tensor(IMAGENET_MEAN) /
+    black = to_model_input(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), "cpu", prep=prep)
+    assert torch.allclose(black[0, :, 0, 0], -torch.tensor(IMAGENET_DEFAULT_MEAN) /
                           torch.tensor((0.229, 0.224, 0.225)), atol=1e-5)
     for name in ("seed000", "light", "none"):
         out = train_transform(name, 32, seed=0)(image=read_image(paths[0], 32))["image"]
@@ -434,19 +556,22 @@ def test_fast_d4_is_albumentations_d4_with_opencv_kernels() -> None:
 def test_model_input_is_bhwc_permuted_on_the_device() -> None:
     import torch
 
-    from leuk_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+    from leuk_ray.data.transforms import Preprocessing, to_model_input
 
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    prep = Preprocessing(5, mean, std)
     x = torch.randint(0, 256, (2, 5, 7, 3), dtype=torch.uint8)
-    want = (x.permute(0, 3, 1, 2).float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) \
-        / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    nchw, nhwc = to_model_input(x, "cpu"), to_model_input(x, "cpu", channels_last=True)
+    want = (x.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) \
+        / torch.tensor(std).view(1, 3, 1, 1)
+    nchw = to_model_input(x, "cpu", prep=prep)
+    nhwc = to_model_input(x, "cpu", channels_last=True, prep=prep)
     assert nchw.shape == nhwc.shape == (2, 3, 5, 7) and nchw.is_contiguous()
     assert nhwc.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(nchw, want, atol=1e-5) and torch.equal(nchw, nhwc)
     with pytest.raises(ValueError, match="BHWC"):
-        to_model_input(x.permute(0, 3, 1, 2).contiguous(), "cpu")  # a CHW batch is refused
+        to_model_input(x.permute(0, 3, 1, 2).contiguous(), "cpu", prep=prep)  # CHW is refused
     with pytest.raises(TypeError, match="uint8"):
-        to_model_input(x.float(), "cpu")
+        to_model_input(x.float(), "cpu", prep=prep)
 
 
 def test_hash_cache_follows_file_changes(synth_root: Path, tmp_path: Path, monkeypatch) -> None:
@@ -465,8 +590,9 @@ def test_synthetic_data_is_learnable(tmp_path: Path) -> None:
     from torch import nn
 
     from leuk_ray.data.synth import make_synthetic
-    from leuk_ray.data.transforms import to_model_input
+    from leuk_ray.data.transforms import resolve_preprocessing, to_model_input
 
+    prep = resolve_preprocessing("efficientnet_b3", 64)
     torch.manual_seed(0)
     d = cfg(make_synthetic(tmp_path / "demo", n=240, size=64, seed=1), image_size=64, folds=3)
     tr, va = fold_datasets(prepare_data(d), 0, d, seed=0)
@@ -476,11 +602,11 @@ def test_synthetic_data_is_learnable(tmp_path: Path) -> None:
                         nn.Flatten(), nn.Linear(32, 2))
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     loader = torch.utils.data.DataLoader(tr, batch_size=16, shuffle=True)
-    xv = to_model_input(torch.stack([va[i][0] for i in range(len(va))]), "cpu")
+    xv = to_model_input(torch.stack([va[i][0] for i in range(len(va))]), "cpu", prep=prep)
     best = 0.0
     for _ in range(10):
         for x, y in loader:
-            loss = nn.functional.cross_entropy(net(to_model_input(x, "cpu")), y)
+            loss = nn.functional.cross_entropy(net(to_model_input(x, "cpu", prep=prep)), y)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -333,13 +333,13 @@ def test_autocast_training_path_on_cpu(tmp_path, dtype):
     assert resumed.scaler.get_scale() == run.scaler.get_scale()
 
 
-def test_fp16_scaler_skips_overflow_without_counting():
+def test_fp16_scaler_skips_are_counted_as_nonfinite_steps():
     ds = Cells(16)
     run = FoldRun(tiny_cfg(epochs=1), ds, ds, log=quiet)
     run.amp_dtype = torch.float16
     run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # first steps overflow
     row = run.step()
-    assert row["scaler_skips"] >= 1 and row["nonfinite_steps"] == 0
+    assert row["scaler_skips"] >= 1 and row["nonfinite_steps"] == row["scaler_skips"]
     assert run.scaler.get_scale() < 2.0**40
 
 
@@ -349,11 +349,12 @@ def test_predict_probs_and_tta():
     torch.manual_seed(0)
     run = FoldRun(tiny_cfg(), ds, ds, log=quiet)
     model = run.model.eval()
-    p = predict_probs(model, ds, device="cpu", batch_size=4)
+    prep = run.preprocessing
+    p = predict_probs(model, ds, device="cpu", batch_size=4, prep=prep)
     assert p.shape == (10,) and ((p >= 0) & (p <= 1)).all()
-    p_tta = predict_probs(model, ds, device="cpu", batch_size=4, tta=True)
+    p_tta = predict_probs(model, ds, device="cpu", batch_size=4, prep=prep, tta=True)
     from leuk_ray.data.transforms import to_model_input
-    x = to_model_input(ds.images, "cpu")
+    x = to_model_input(ds.images, "cpu", prep=prep)
     views = dihedral_views(x)
     assert len(views) == 8
     assert not any(torch.equal(views[i], views[j]) for i in range(8) for j in range(i))
@@ -361,6 +362,98 @@ def test_predict_probs_and_tta():
         want = torch.stack([torch.softmax(model(v), 1)[:, 1] for v in views]).mean(0)
     np.testing.assert_allclose(p_tta, want.numpy(), rtol=1e-5, atol=1e-6)
     assert not np.allclose(p, p_tta)
+
+
+# ------------------------------------------------------------- preprocessing from the backbone
+@pytest.mark.parametrize("backbone, mean, std", [
+    ("tf_efficientnet_lite0", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    ("test_efficientnet", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+])
+def test_training_and_prediction_normalise_with_the_backbones_mean_and_std(backbone, mean, std):
+    """What the network sees for a black pixel is -mean/std of the backbone's timm data config
+    (tf_efficientnet_lite0 wants 0.5/0.5, not ImageNet's constants), in training, validation and
+    predict_probs alike."""
+    import timm
+
+    from leuk_ray.data.transforms import resolve_preprocessing
+    ds = Cells(8)
+    ds.images[:, 0, 0] = 0  # a black pixel at (0, 0) of every image
+    cfg = tiny_cfg(epochs=1)
+    cfg.model.backbone = backbone
+    torch.manual_seed(0)
+    run = FoldRun(cfg, ds, ds, log=quiet)
+    prep = run.preprocessing
+    assert prep == resolve_preprocessing(backbone, 32)
+    assert (prep.mean, prep.std, prep.image_size) == (pytest.approx(mean), pytest.approx(std), 32)
+    timm_cfg = timm.data.resolve_model_data_config(run.model.backbone)  # the model's own view
+    assert (prep.mean, prep.std, prep.interpolation) == \
+        (tuple(timm_cfg["mean"]), tuple(timm_cfg["std"]), timm_cfg["interpolation"])
+    seen: list[torch.Tensor] = []
+    run.model.register_forward_pre_hook(lambda m, args: seen.append(args[0][:, :, 0, 0].clone()))
+    run.step()                                                          # train + validate
+    n_fit = len(seen)
+    predict_probs(run.model, ds, device="cpu", batch_size=4, prep=prep)
+    assert n_fit > 0 and len(seen) > n_fit
+    want = -torch.tensor(mean) / torch.tensor(std)
+    for x in seen:
+        torch.testing.assert_close(x, want.expand_as(x), atol=1e-5, rtol=0)
+
+
+def test_default_backbone_keeps_imagenet_statistics():
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from leuk_ray.data.transforms import preprocessing_for
+    prep = preprocessing_for(Config())  # efficientnet_b3 at data.image_size 300
+    assert prep.mean == IMAGENET_DEFAULT_MEAN and prep.std == IMAGENET_DEFAULT_STD
+    assert (prep.image_size, prep.interpolation) == (300, "bicubic")
+
+
+def test_datasets_resized_otherwise_than_the_backbone_wants_are_refused():
+    from leuk_ray.data import CellDataset
+    ds = Cells(8)
+    paths, labels = ds.paths, ds.labels
+    other = CellDataset(paths, labels, 32, images=ds.images.numpy(), interpolation="bilinear")
+    with pytest.raises(ValueError, match="bilinear.*bicubic"):
+        FoldRun(tiny_cfg(), other, ds, log=quiet)
+    smaller = CellDataset(paths, labels, 16, images=ds.images.numpy())
+    with pytest.raises(ValueError, match="16 px"):
+        FoldRun(tiny_cfg(), ds, smaller, log=quiet)
+
+
+def test_inference_settings_follow_train_amp():
+    """predict on CUDA: channels_last, bf16 autocast where native, else fp16, none without amp;
+    on CPU nothing changes."""
+    from leuk_ray.engine import inference_settings
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert inference_settings(cpu, True) == (None, torch.contiguous_format)
+    assert inference_settings(cpu, False) == (None, torch.contiguous_format)
+    assert inference_settings(cuda, True, bf16_supported=True) == \
+        (torch.bfloat16, torch.channels_last)
+    assert inference_settings(cuda, True, bf16_supported=False) == \
+        (torch.float16, torch.channels_last)
+    assert inference_settings(cuda, False, bf16_supported=True) == (None, torch.channels_last)
+
+
+def test_channels_last_prediction_path_keeps_the_model_usable(monkeypatch):
+    """The CUDA layout path of predict_probs, run on CPU: the model is converted to channels_last
+    outside inference_mode (its weights stay ordinary tensors: it can still train), and the
+    probabilities equal the contiguous ones."""
+    import leuk_ray.engine as engine
+    ds = Cells(6)
+    torch.manual_seed(0)
+    run = FoldRun(tiny_cfg(), ds, ds, log=quiet)
+    model, prep = run.model, run.preprocessing
+    want = predict_probs(model, ds, device="cpu", batch_size=4, prep=prep, tta=True)
+    monkeypatch.setattr(engine, "inference_settings",
+                        lambda device, amp, bf16_supported=None: (None, torch.channels_last))
+    got = predict_probs(model, ds, device="cpu", batch_size=4, prep=prep, tta=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not any(p.is_inference() for p in model.parameters())
+    model.train()
+    loss = model(torch.zeros(2, 3, 32, 32)).sum()
+    loss.backward()  # an inference tensor among the weights would refuse this
 
 
 # -------------------------------------------------------------------------------------- metrics
@@ -444,3 +537,80 @@ def test_train_smoke_demo_end_to_end(tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert f"resuming after epoch {epochs}" in r2.stdout and f" epoch 1/{epochs} " not in r2.stdout
     assert json.loads((out / "summary.json").read_text()) == summary
+
+
+# --------------------------------------------------- CUDA path: precision, optimiser, determinism
+def test_fp16_nan_gradients_trip_max_nonfinite():
+    """Issue 13: with fp16 the counter of non-finite steps was reset after every GradScaler step,
+    skipped or not, so NaN gradients (finite loss) halved the scale forever and never failed."""
+    ds = Cells(32)  # 4 batches per epoch
+    run = FoldRun(tiny_cfg(max_nonfinite=3), ds, ds, log=quiet)
+    run.amp_dtype = torch.float16
+    run.scaler = make_grad_scaler(run.device, torch.float16)
+    next(run.model.parameters()).register_hook(lambda g: g * float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive .*last: gradient overflow"):
+        run.step()
+
+
+def test_scaler_step_reports_a_skipped_step():
+    from leuk_ray.engine import scaler_step
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale((p * 2).sum()).backward()
+    assert scaler_step(scaler, opt) and torch.allclose(p.detach(), torch.full((3,), 0.8))
+    opt.zero_grad()
+    scaler.scale((p * float("inf")).sum()).backward()
+    assert not scaler_step(scaler, opt) and scaler.get_scale() == 2.0
+    assert torch.allclose(p.detach(), torch.full((3,), 0.8))  # the step was skipped
+
+
+def test_bf16_only_where_the_gpu_does_it_natively(monkeypatch):
+    """A pre-Ampere GPU: torch reports bf16 as supported through emulation (slow); fp16 instead."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation)
+    assert select_amp_dtype(torch.device("cuda"), True) is torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert select_amp_dtype(torch.device("cuda"), True) is torch.bfloat16
+
+
+@pytest.mark.parametrize("head,optimizer", [("mlp", "adamw"), ("keras", "adamax")])
+def test_no_weight_decay_on_norms_and_biases(head, optimizer):
+    cfg = tiny_cfg(optimizer=optimizer, weight_decay=0.05)
+    cfg.model.head = head
+    run = FoldRun(cfg, Cells(16), Cells(16), log=quiet)
+    opt = run.optimizer
+    assert type(opt) is {"adamw": torch.optim.AdamW, "adamax": torch.optim.Adamax}[optimizer]
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    named = dict(run.model.named_parameters())
+    assert len(decay_of) == len(named) == sum(len(g["params"]) for g in opt.param_groups)
+    for name, p in named.items():
+        no_decay = p.ndim <= 1 or name.endswith(".bias")
+        assert decay_of[id(p)] == (0.0 if no_decay else 0.05), name
+    assert decay_of[id(run.model.head[0].weight)] == 0     # the head's first norm (BN or LN)
+    assert decay_of[id(run.model.head[1].weight)] == 0.05  # the head's first Linear kernel
+    assert len({g["lr"] for g in opt.param_groups}) == 1  # one schedule for every group
+
+
+def test_determinism_setting():
+    from leuk_ray.config import load_config
+    from leuk_ray.engine import configure_determinism
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert load_config().train.deterministic == "auto"
+    assert load_config(overrides=["train.deterministic=true"]).train.deterministic == "true"
+    assert load_config(overrides=["train.deterministic=false"]).train.deterministic == "false"
+    with pytest.raises(UserError, match=r"train.deterministic = 'maybe' is not allowed"):
+        load_config(overrides=["train.deterministic=maybe"])
+    try:
+        assert configure_determinism(cuda, "auto") is False  # flags only: no GPU needed
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+        assert configure_determinism(cuda, "true") is True
+        assert not torch.backends.cudnn.benchmark and torch.are_deterministic_algorithms_enabled()
+        assert configure_determinism(cpu, "false") is False
+        assert not torch.backends.cudnn.benchmark
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert configure_determinism(cpu, "auto") is True
+        assert not torch.backends.cudnn.benchmark and torch.are_deterministic_algorithms_enabled()
+    finally:
+        configure_determinism(cpu, "auto")
+    assert FoldRun(tiny_cfg(), Cells(16), Cells(16), log=quiet).deterministic is True

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from leuk_ray.artifact import load_artifact, read_manifest
-from leuk_ray.calibration import calibrate_oof
+from leuk_ray.calibration import Calibration, fit_calibration
 from leuk_ray.metrics import classification_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def test_final_smoke_on_real_sample_then_predict_reproduces_metrics(cnmc_root, t
 
     # a complete artifact: manifest last, every file checksummed, loadable
     manifest = read_manifest(art)
-    assert manifest["format_version"] == 1 and len(manifest["folds"]) == 2
+    assert manifest["format_version"] == 2 and len(manifest["folds"]) == 2
     for name in ("fold_0.pt", "fold_1.pt", "metrics.json", "oof.csv", "report/report.md",
                  "report/roc.png", "report/confusion.png", "report/folds.png",
                  "report/calibration.png"):
@@ -50,10 +50,19 @@ def test_final_smoke_on_real_sample_then_predict_reproduces_metrics(cnmc_root, t
         oof = list(csv.DictReader(f))
     test_paths = {str(p) for p in (cnmc_root / "test").rglob("*.png")}
     assert not test_paths & {row["path"] for row in oof}
-    T, thr = calibrate_oof(np.array([int(x["label"]) for x in oof]),
-                           np.array([float(x["prob_all"]) for x in oof]))
-    assert T == pytest.approx(manifest["temperature"], rel=1e-4, abs=1e-4)
-    assert thr == pytest.approx(manifest["threshold"], abs=1e-4)
+    y_oof = np.array([int(x["label"]) for x in oof])
+    fold_oof = np.array([int(x["fold"]) for x in oof])
+    for kind, column in (("plain", "prob_all"), ("tta", "prob_all_tta")):
+        cal = fit_calibration(y_oof, np.array([float(x[column]) for x in oof]), fold_oof, 2)
+        saved = Calibration.from_dict(manifest["calibration"][kind])
+        assert cal.temperatures == pytest.approx(saved.temperatures, rel=1e-4, abs=1e-4)
+        assert cal.threshold == pytest.approx(saved.threshold, abs=1e-4)
+    assert manifest["threshold"] == manifest["calibration"]["plain"]["threshold"]
+    assert manifest["model"]["smoke_test"] is True and manifest["model"]["image_size"] == 64
+    report = (art / "report" / "report.md").read_text()
+    assert report.startswith("# SMOKE TEST MODEL") and "## Model" in report
+    assert "95% CI (bootstrap over" in report and "out-of-fold (one model per image)" in report
+    assert test["ci"]["ensemble"]["n_images"] == 53
 
     # predict on the sample's test/ reproduces the ensemble numbers of metrics.json
     preds = tmp_path / "preds.csv"
@@ -72,6 +81,18 @@ def test_final_smoke_on_real_sample_then_predict_reproduces_metrics(cnmc_root, t
         assert again[key] == pytest.approx(test["ensemble"][key], abs=1e-6), key
     assert all(x["pred"] == ("all" if float(x["prob_all"]) >= manifest["threshold"] else "hem")
                for x in rows)
+    # and with --tta, the ensemble + TTA numbers, by the threshold fitted on TTA outputs
+    t = subprocess.run([sys.executable, "-m", "leuk_ray.predict", "--model", str(art), "--tta",
+                        "--out", str(preds), str(cnmc_root / "test")], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600)
+    assert t.returncode == 0, t.stderr[-2000:]
+    with preds.open() as f:
+        rows = list(csv.DictReader(f))
+    thr_tta = manifest["calibration"]["tta"]["threshold"]
+    again = classification_metrics(y, np.array([float(x["prob_all"]) for x in rows]), thr_tta)
+    for key in ("f1", "accuracy", "auc", "sensitivity", "specificity"):
+        assert again[key] == pytest.approx(test["ensemble_tta"][key], abs=1e-6), key
+    assert all(x["pred"] == ("all" if float(x["prob_all"]) >= thr_tta else "hem") for x in rows)
     ens = load_artifact(art)
     assert ens.threshold == manifest["threshold"] and len(ens.models) == 2
 
@@ -103,3 +124,145 @@ def test_final_preset_compared_with_a_search_on_the_same_folds(cnmc_root, tmp_pa
     cmp = json.loads((out / "comparison.json").read_text())
     assert set(cmp) == {"seed000", "search"}
     assert cmp["seed000"]["folds"][0]["epochs"] <= 2
+
+
+# ------------------------------------------------------------------ fast checks (no Ray started)
+def test_run_name_hashes_only_what_determines_the_weights(synth_root):
+    """Issue 14.9: rerunning final after a crash with another TTA/calibration setting or GPU share
+    must resume the same fold checkpoints; a training change must not."""
+    from leuk_ray.config import load_config
+    from leuk_ray.data import prepare_data
+    from leuk_ray.final import _run_name
+
+    cfg = load_config(None, [f"data.root={synth_root}"], smoke=True)
+    prepared = prepare_data(cfg.data)
+    name = _run_name(cfg, prepared)
+    same = load_config(None, [f"data.root={synth_root}", "final.tta=false", "final.calibrate=false",
+                              "ray.gpus_per_worker=0.5", "ray.cpus_per_worker=2",
+                              "search.num_samples=3", "final.out=/elsewhere"], smoke=True)
+    assert _run_name(same, prepared) == name
+    for change in ("train.lr=0.001", "model.dropout=0.3", "data.image_size=32"):
+        other = load_config(None, [f"data.root={synth_root}", change], smoke=True)
+        assert _run_name(other, prepared) != name, change
+
+
+def _art(dest: Path) -> Path:
+    import torch
+
+    from leuk_ray.artifact import save_artifact
+    from leuk_ray.config import load_config
+    from leuk_ray.model import create_model
+
+    cfg = load_config(smoke=True)
+    torch.manual_seed(0)
+    states = [create_model(cfg.model).state_dict() for _ in range(2)]
+    return save_artifact(dest, cfg=cfg, fold_states=states,
+                         fold_scores=[{"fold": i, "val_f1": 0.5} for i in range(2)],
+                         temperature=1.0, threshold=0.5, metrics={})
+
+
+def test_final_refuses_an_existing_artifact_unless_overwrite(tmp_path):
+    """Issue 14.11: final silently replaced an existing ensemble/; now it refuses before any
+    work unless --overwrite, and never writes into a folder that is not an artifact."""
+    from leuk_ray.cluster import RunFiles
+    from leuk_ray.errors import UserError
+    from leuk_ray.final import check_target
+
+    art = _art(tmp_path / "search" / "ensemble")
+    with pytest.raises(UserError, match="already holds an ensemble artifact.*--overwrite"):
+        check_target(RunFiles.from_path(str(art)), overwrite=False)
+    check_target(RunFiles.from_path(str(art)), overwrite=True)
+    check_target(RunFiles.from_path(str(tmp_path / "new")), overwrite=False)   # nothing there
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="not an ensemble artifact"):
+            check_target(RunFiles.from_path(str(tmp_path / "notes")), overwrite=overwrite)
+
+
+# ------------------------------------------------ issue 13.4: the rows each fold validated on
+def _fold_states(prepared, drop: set[str]) -> list[dict]:
+    """Checkpoint-like fold states whose workers left the paths in ``drop`` out."""
+    import torch
+
+    from leuk_ray.fold_trainer import VAL_ROWS, ValidationRows
+
+    states = []
+    for i in range(prepared.n_folds):
+        val = prepared.train[(prepared.train["fold"] == i) & ~prepared.train["path"].isin(drop)]
+        rows = ValidationRows(tuple(val["path"]), tuple(int(v) for v in val["label"]),
+                              tuple(val["subject"]))
+        probs = torch.linspace(0.05, 0.95, len(rows), dtype=torch.float64)
+        states.append({VAL_ROWS: rows.to_state(), "best_probs": probs})
+    return states
+
+
+def test_oof_uses_the_rows_each_fold_validated_on(synth_root):
+    """A worker that dropped an undecodable image: final used to rebuild the fold's rows from
+    the index and abort with "the data changed since training"."""
+    import torch
+
+    from leuk_ray.config import load_config
+    from leuk_ray.data import prepare_data
+    from leuk_ray.errors import UserError
+    from leuk_ray.final import _oof
+
+    cfg = load_config(None, [f"data.root={synth_root}"], smoke=True)
+    prepared = prepare_data(cfg.data)
+    dropped = str(prepared.train.loc[prepared.train["fold"] == 1, "path"].iloc[3])
+    states = _fold_states(prepared, {dropped})
+    # the checkpoint holds plain lists: it survives torch.load(weights_only=True)
+    torch.save(states[0], synth_root / "state.pt")
+    assert torch.load(synth_root / "state.pt", weights_only=True).keys() == states[0].keys()
+
+    oof = _oof(prepared, states)
+    assert len(oof) == len(prepared.train) - 1 and dropped not in set(oof.path)
+    for i, st in enumerate(states):
+        m = oof.fold == i
+        assert list(oof.path[m]) == st["val_rows"]["path"]
+        assert list(oof.label[m]) == st["val_rows"]["label"]
+        assert list(oof.subject[m]) == st["val_rows"]["subject"]
+        np.testing.assert_array_equal(oof.prob_all[m], st["best_probs"].numpy())
+    labels = dict(zip(prepared.train["path"], prepared.train["label"]))
+    assert all(labels[q] == y for q, y in zip(oof.path, oof.label))
+
+    old = [{k: v for k, v in st.items() if k != "val_rows"} for st in states]
+    with pytest.raises(UserError, match="does not record the rows it validated on"):
+        _oof(prepared, old)
+    moved = _fold_states(prepared, set())
+    moved[0]["val_rows"]["path"][0] = "/elsewhere/UID_1_1_1_all.bmp"
+    with pytest.raises(UserError, match="data changed since training"):
+        _oof(prepared, moved)
+    short = _fold_states(prepared, set())
+    short[1]["best_probs"] = short[1]["best_probs"][:-1]
+    with pytest.raises(UserError, match="validation probabilities"):
+        _oof(prepared, short)
+
+
+def _corrupt_png(path: Path) -> Path:
+    """Passes the byte checks (PNG signature, IEND at the end) but does not decode."""
+    rng = np.random.default_rng(0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + rng.integers(0, 256, 3000, dtype=np.uint8).tobytes()
+                     + b"\x00\x00\x00\x00IEND\xaeB`\x82")
+    return path
+
+
+@pytest.mark.slow
+def test_final_completes_with_a_corrupt_png_in_the_data(synth_root, tmp_path):
+    """Issue 13.4, end to end: one image that does not decode (within data.max_bad_fraction)
+    -> final trains, calibrates on the rows the folds validated on and writes the artifact."""
+    bad = _corrupt_png(synth_root / "train" / "all" / "UID_101_99_1_all.png")
+    art = tmp_path / "artifact"
+    r = subprocess.run([sys.executable, "-m", "leuk_ray.final", "--smoke-test", "--data",
+                        str(synth_root), "--out", str(art), "--set", "train.epochs=2",
+                        "--num-cpus", "2"], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    manifest = read_manifest(art)
+    with (art / "oof.csv").open() as f:
+        oof = list(csv.DictReader(f))
+    assert str(bad) not in {row["path"] for row in oof}
+    n_train = len(list((synth_root / "train").rglob("*.bmp")))
+    assert len(oof) == n_train
+    assert manifest["model"]["train_images"] == n_train
+    assert len(manifest["calibration"]["plain"]["temperatures"]) == 2
+

@@ -1,6 +1,8 @@
 """Focal loss: reduces to (weighted) cross-entropy, smoothing as torch's, stable; class_alpha."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -73,3 +75,49 @@ def test_class_alpha():
     for bad in ("1", "a,b", "1,-2"):
         with pytest.raises(UserError, match="train.class_weights"):
             class_alpha([0, 1], bad)
+
+
+def _true_logit_grad(margin: float, gamma: float, smoothing: float) -> float:
+    """d loss / d z_y for one row whose true logit leads the other by ``margin``."""
+    z = torch.tensor([[margin, 0.0]], requires_grad=True)
+    FocalLoss(None, gamma=gamma, smoothing=smoothing)(z, torch.tensor([0])).backward()
+    return float(z.grad[0, 0])
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.5, 3.0])
+def test_smoothing_pulls_a_confident_correct_logit_back(gamma):
+    """Issue 13: with (1 - p_y)^gamma the gradient on the true logit was <= 0 at every margin
+    from 2 to 20 (gamma 1.5, s 0.05), i.e. smoothing stopped acting. With pt = exp(-CE_s) the
+    loss is minimal where smoothed CE is (p_y = 1 - s + s/C) and pulls back beyond it."""
+    s = 0.05
+    best = math.log((1 - s / 2) / (s / 2))  # margin where p_y = 1 - s + s/2 (about 3.66)
+    for margin in (0.5, 1.0, 2.0, 3.0):
+        assert _true_logit_grad(margin, gamma, s) < 0, margin  # still pushed up
+    for margin in (4.0, 6.0, 10.0, 20.0, 50.0):
+        assert _true_logit_grad(margin, gamma, s) > 0, margin  # pulled back
+    margins = torch.linspace(0.0, 10.0, 1001)
+    logits = torch.stack([margins, torch.zeros_like(margins)], 1)
+    loss_fn = FocalLoss(None, gamma=gamma, smoothing=s)
+    loss = torch.stack([loss_fn(row[None], torch.tensor([0])) for row in logits])
+    assert float(margins[int(loss.argmin())]) == pytest.approx(best, abs=0.02)
+
+
+def test_focal_factor_uses_the_smoothed_cross_entropy(batch):
+    logits, target = batch
+    alpha = torch.tensor([0.7, 1.3])
+    gamma, s = 1.5, 0.05
+    ce = F.cross_entropy(logits, target, label_smoothing=s, reduction="none")
+    w = alpha[target]
+    want = (w * (1 - torch.exp(-ce)) ** gamma * ce).sum() / w.sum()
+    got = FocalLoss(alpha, gamma=gamma, smoothing=s)(logits, target)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.5])
+def test_finite_gradient_at_zero_cross_entropy(gamma):
+    """gamma < 1 without smoothing: (1 - pt)^gamma has an infinite slope at pt = 1."""
+    logits = torch.tensor([[1e4, -1e4], [3.0, -1.0]], requires_grad=True)
+    loss = FocalLoss(None, gamma=gamma, smoothing=0.0)(logits, torch.tensor([0, 0]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    assert logits.grad[0].abs().max() == 0  # a certain, correct row contributes nothing

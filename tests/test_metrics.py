@@ -57,3 +57,47 @@ def test_unknown_labels_are_left_out() -> None:
     p = np.array([0.9, 0.1, 0.2, 0.4, 0.8, 0.7])
     keep = y >= 0
     assert classification_metrics(y, p) == classification_metrics(y[keep], p[keep])
+
+
+# ------------------------------------------------------------ bootstrap over subjects (issue 13)
+def test_bootstrap_ci_resamples_subjects_and_matches_a_direct_computation() -> None:
+    from leuk_ray.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(5)
+    subjects = np.array([f"s{i}" for i in rng.integers(0, 12, 240)])
+    y = rng.integers(0, 2, 240)
+    p = np.clip(0.35 * y + 0.65 * rng.random(240), 0, 1)
+    ci = bootstrap_ci(y, p, 0.5, subjects, n_boot=60, seed=7)
+    assert (ci["n_images"], ci["n_subjects"], ci["n_boot"], ci["level"]) == (240, 12, 60, 0.95)
+    assert bootstrap_ci(y, p, 0.5, subjects, n_boot=60, seed=7) == ci   # seeded
+
+    names = np.unique(subjects)
+    draw = np.random.default_rng(7)
+    ref: dict[str, list[float]] = {k: [] for k in ("f1", "accuracy", "auc")}
+    for _ in range(60):
+        rows = np.concatenate([np.flatnonzero(subjects == names[g])
+                               for g in draw.integers(0, names.size, names.size)])
+        pred = (p[rows] >= 0.5).astype(int)
+        ref["f1"].append(f1_score(y[rows], pred, labels=[0, 1], average="weighted",
+                                  zero_division=0))
+        ref["accuracy"].append(accuracy_score(y[rows], pred))
+        ref["auc"].append(roc_auc_score(y[rows], p[rows]))
+    for k, v in ref.items():
+        assert ci[k]["low"] == pytest.approx(np.quantile(v, 0.025), abs=1e-12), k
+        assert ci[k]["high"] == pytest.approx(np.quantile(v, 0.975), abs=1e-12), k
+        assert ci[k]["n_valid"] == 60
+
+
+def test_bootstrap_ci_of_one_subject_has_no_width() -> None:
+    """All images of a drawn subject come together: one subject gives one resample."""
+    from leuk_ray.metrics import bootstrap_ci
+
+    y = np.array([0, 1, 1, 0, 1, 0])
+    p = np.array([0.2, 0.9, 0.4, 0.6, 0.7, 0.1])
+    ci = bootstrap_ci(y, p, 0.5, ["a"] * 6, n_boot=50)
+    m = classification_metrics(y, p, 0.5)
+    for k in ("f1", "accuracy", "auc", "sensitivity", "specificity"):
+        assert ci[k]["low"] == pytest.approx(m[k]) and ci[k]["high"] == pytest.approx(m[k])
+    only_all = bootstrap_ci([1, 1], [0.7, 0.2], 0.5, ["a", "b"], n_boot=20)
+    assert only_all["specificity"] == {"low": None, "high": None, "n_valid": 0}
+    assert only_all["auc"]["n_valid"] == 0 and only_all["sensitivity"]["n_valid"] == 20

@@ -146,3 +146,69 @@ def test_cli_help_shows_defaults(tmp_path):
     assert r.returncode == 0
     assert "default: 64" in r.stdout and "default: preds.csv" in r.stdout
     assert "default: auto" in r.stdout
+
+
+# ------------------------------------------------------------- preprocessing from the manifest
+@pytest.fixture(scope="module")
+def lite_artifact(tmp_path_factory) -> Path:
+    """A 1-fold random-init tf_efficientnet_lite0 (timm says mean = std = 0.5) at 64 px."""
+    cfg = load_config(None, ["model.backbone=tf_efficientnet_lite0"], smoke=True)
+    torch.manual_seed(0)
+    state = create_model(cfg.model).state_dict()
+    return save_artifact(tmp_path_factory.mktemp("lite") / "ensemble", cfg=cfg,
+                         fold_states=[state], fold_scores=[{"fold": 0, "val_f1": 0.5}],
+                         temperature=1.0, threshold=0.5, metrics={})
+
+
+def _model_inputs(ens) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    ens.models[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    return seen
+
+
+def test_artifact_keeps_the_backbones_preprocessing_and_predict_uses_it(lite_artifact, tmp_path):
+    import json
+
+    from leuk_ray.data.transforms import Preprocessing
+    m = json.loads((lite_artifact / "manifest.json").read_text())
+    assert m["preprocessing"] == {"image_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3,
+                                  "interpolation": "bicubic", "color": "RGB"}
+    ens = load_artifact(lite_artifact)
+    assert ens.preprocessing == Preprocessing(64, (0.5,) * 3, (0.5,) * 3, "bicubic")
+    cv2.imwrite(str(tmp_path / "black.png"), np.zeros((80, 80, 3), dtype=np.uint8))
+    seen = _model_inputs(ens)
+    predict_paths(ens, [tmp_path / "black.png"])
+    assert len(seen) == 1 and seen[0].shape == (1, 3, 64, 64)
+    torch.testing.assert_close(seen[0], torch.full_like(seen[0], -1.0))  # (0 - 0.5) / 0.5
+
+
+def test_predict_reads_preprocessing_back_from_the_manifest(lite_artifact, tmp_path):
+    """Mean, std and the resize all come from manifest.json (what training used), not from
+    whatever the backbone would resolve to today."""
+    import json
+    import shutil
+
+    from leuk_ray.data.transforms import Preprocessing, to_model_input
+    art = Path(shutil.copytree(lite_artifact, tmp_path / "art"))
+    m = json.loads((art / "manifest.json").read_text())
+    m["preprocessing"].update(mean=[0.25, 0.5, 0.75], interpolation="nearest")
+    (art / "manifest.json").write_text(json.dumps(m))
+    img = tmp_path / "cell.png"
+    cv2.imwrite(str(img), np.random.default_rng(1).integers(0, 256, (90, 90, 3), dtype=np.uint8))
+    ens = load_artifact(art)
+    prep = Preprocessing(64, (0.25, 0.5, 0.75), (0.5,) * 3, "nearest")
+    assert ens.preprocessing == prep
+    seen = _model_inputs(ens)
+    predict_paths(ens, [img])
+    nearest = torch.from_numpy(read_image(img, 64, "nearest"))[None]
+    torch.testing.assert_close(seen[0], to_model_input(nearest, "cpu", prep=prep))
+    bicubic = torch.from_numpy(read_image(img, 64, "bicubic"))[None]
+    assert not torch.equal(nearest, bicubic)
+
+    for bad in ({"mean": [0.5, 0.5]}, {"std": [0.5, 0.0, 0.5]}, {"interpolation": "hamming"},
+                {"image_size": 32}):
+        m2 = json.loads(json.dumps(m))
+        m2["preprocessing"].update(bad)
+        (art / "manifest.json").write_text(json.dumps(m2))
+        with pytest.raises(UserError, match=r"manifest.json: preprocessing"):
+            load_artifact(art)

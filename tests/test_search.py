@@ -109,3 +109,72 @@ def test_search_prunes_resumes_and_writes_results(cnmc_root, tmp_path):
         by_subject.setdefault(f["subject"], set()).add(f["fold"])
     assert all(len(v) == 1 for v in by_subject.values())
     json.dumps(best)  # plain YAML types only
+
+
+# ------------------------------------------------------------------ fast checks (no Ray started)
+def test_sampler_sets_constant_liar_explicitly():
+    """Issue 14.11: parallel trials must not depend on Optuna's default (changed in Optuna 5)."""
+    from leuk_ray.search import make_sampler
+
+    assert make_sampler(3)._constant_liar is True  # noqa: SLF001
+
+
+def test_new_search_stores_data_root_absolute(synth_root, tmp_path, monkeypatch):
+    """Issue 14.11: a relative --data is stored resolved, so best_config.yaml works from any
+    folder (`final --from` run elsewhere)."""
+    from leuk_ray.search import _setup, build_parser
+
+    monkeypatch.chdir(synth_root.parent)
+    args = build_parser().parse_args(["--smoke-test", "--data", synth_root.name,
+                                      "--storage-path", str(tmp_path / "results"), "--name", "s"])
+    cfg, _, _, _ = _setup(args)
+    assert cfg.data.root == str(synth_root.resolve())
+
+
+def test_num_samples_zero_is_refused(synth_root, tmp_path):
+    """Issue 14.11: --num-samples 0 was silently replaced by search.num_samples."""
+    from leuk_ray.errors import UserError
+    from leuk_ray.search import _setup, build_parser
+
+    args = build_parser().parse_args(["--smoke-test", "--data", str(synth_root), "--num-samples",
+                                      "0", "--storage-path", str(tmp_path / "r"), "--name", "s"])
+    with pytest.raises(UserError, match="--num-samples 0: use a positive number"):
+        _setup(args)
+
+
+def test_retired_search_metric_is_ignored_with_a_warning(tmp_path, capsys):
+    """Issue 14.11: search.metric was a knob nothing read. It is gone; the configs older versions
+    saved (which all carry it) still load, with a warning."""
+    from leuk_ray.config import Config, config_from_yaml_with_extras
+
+    old = tmp_path / "best_config.yaml"
+    old.write_text("cv_score: 0.8\nsearch: {metric: mean_val_f1, seed: 3}\n")
+    cfg, extras = config_from_yaml_with_extras(old)
+    assert cfg.search.seed == 3 and extras == {"cv_score": 0.8}
+    assert not hasattr(Config().search, "metric")
+    err = capsys.readouterr().err
+    assert "search.metric is no longer used" in err and str(old) in err
+
+
+@pytest.mark.slow
+def test_search_with_a_boolean_choice_writes_a_typed_best_config(synth_root, tmp_path):
+    """Issue 14.3: the best config came from trials.csv text, so a searched boolean became the
+    string 'True' and the end of the search failed (`train.amp = 'True' has the wrong type`).
+    Issue 14.11: a relative --data is stored absolute in best_config.yaml."""
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  train.amp: {type: choice, values: [true, false]}\n"
+                     "first:\n  - {train.amp: true}\n")
+    storage = tmp_path / "results"
+    data = os.path.relpath(synth_root, ROOT)
+    r = subprocess.run(search_cmd(Path(data), storage, "b1", space, "--num-samples", "1",
+                                  "--set", "train.epochs=2"),
+                       capture_output=True, text=True, cwd=ROOT, timeout=900,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    best = yaml.safe_load((storage / "b1" / "best_config.yaml").read_text())
+    assert best["train"]["amp"] is True
+    assert best["data"]["root"] == str(synth_root.resolve())
+    assert isinstance(best["cv_score"], float) and len(best["cv_fold_scores"]) == 2
+    rows = csv_rows(storage / "b1" / "trials.csv")
+    assert [row["status"] for row in rows] == ["completed"] and best["trial_id"] == rows[0]["trial_id"]
+    assert "train.amp=True" in r.stdout

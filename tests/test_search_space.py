@@ -72,3 +72,36 @@ def test_apply_params_nested_and_dotted():
     a = apply_params(base, {"train": {"lr": 3e-4}, "model": {"dropout": 0.3}})
     b = apply_params(base, {"train/lr": 3e-4, "model/dropout": 0.3})
     assert a == b and a.train.lr == 3e-4 and base.train.lr != 3e-4
+
+
+@pytest.mark.parametrize("key, spec, why", [
+    ("data.image_size", "{type: choice, values: [64, 128]}", "the data and its folds"),
+    ("data.seed", "{type: int, low: 0, high: 5}", "the data and its folds"),
+    ("train.epochs", "{type: int, low: 2, high: 8}", "ASHA's budget"),
+    ("model.backbone", "{type: choice, values: [test_efficientnet, efficientnet_b0]}",
+     "one search per backbone"),
+    ("search.seed", "{type: int, low: 0, high: 5}", "run setting"),
+    ("ray.cpus_per_worker", "{type: uniform, low: 0.5, high: 1.0}", "run setting"),
+    ("final.tta", "{type: choice, values: [true, false]}", "run setting"),
+    ("train.device", "{type: choice, values: [cpu, auto]}", "run setting"),
+])
+def test_only_model_and_training_keys_can_be_searched(tmp_path, key, spec, why):
+    """Issue 14.4: a data/search/ray/final key or train.epochs in a space is refused, naming the
+    file, the key, why, and what may be searched (before: silently accepted)."""
+    with pytest.raises(UserError) as e:
+        load_space(_write(tmp_path, f"params:\n  {key}: {spec}\n"))
+    msg = str(e.value)
+    assert "\n" not in msg and "space.yaml" in msg and f"params.{key} cannot be searched" in msg
+    assert why in msg and "searchable keys: model.head" in msg and "train.amp" in msg
+
+
+def test_searchable_keys_all_load_including_a_boolean_choice(tmp_path):
+    from leuk_ray.search_space import SEARCHABLE
+
+    space = load_space(_write(tmp_path, "params:\n  train.amp: {type: choice, values: [true, false]}\n"
+                                        "  model.dropout: {type: uniform, low: 0.0, high: 0.1}\n"))
+    assert space.params[0].values == [True, False]
+    assert apply_params(load_config(), {"train/amp": False}).train.amp is False
+    for key in SEARCHABLE:
+        from leuk_ray.config import check_key
+        check_key(key)  # every allowed key is a real config key

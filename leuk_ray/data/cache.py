@@ -6,9 +6,11 @@
 Every image of the CV set is decoded and resized once per node into
 ``<cache dir>/images/<key>.npy``, an (N, size, size, 3) uint8 array (``<cache dir>`` is
 ``$LEUK_RAY_CACHE_DIR`` or ``~/.cache/leuk_ray``). ``<key>`` is a digest of the sorted paths with
-their size and mtime, the image size and ``DECODER_VERSION``: a changed file, another size or a new
-decoder makes a new file. A sidecar ``<key>.json`` lists the row order (sorted paths) and the paths
-that could not be decoded (their rows stay black; callers drop them).
+their size and mtime, the image size, the interpolation (the backbone's, see
+``leuk_ray.data.transforms.preprocessing_for``) and ``DECODER_VERSION``: a changed file, another
+size or interpolation or a new decoder makes a new file. A sidecar ``<key>.json`` lists the row
+order (sorted paths) and the paths that could not be decoded (their rows stay black; callers drop
+them).
 
 Built once, by whoever comes first: it takes an exclusive ``fcntl.flock`` on ``<key>.lock``, decodes
 into a temporary file with threads (OpenCV releases the GIL), fsyncs it, ``os.replace``s it into
@@ -60,13 +62,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from leuk_ray.config import DataConfig
-from leuk_ray.data.decode import ImageDecodeError, read_image
+from leuk_ray.data.decode import DEFAULT_INTERPOLATION, ImageDecodeError, read_image
 from leuk_ray.data.index import cache_dir
 
 if TYPE_CHECKING:
     from leuk_ray.data.prepare import PreparedData
 
-DECODER_VERSION = 1  # bump when read_image's output changes: old cache files are then not used
+DECODER_VERSION = 2  # bump when read_image's output changes: old cache files are then not used
+# 2: resized with the backbone's interpolation (bicubic for most), not always INTER_AREA
 DECODE_COUNT = 0     # images decoded into caches by this process (tests check reuse with it)
 
 
@@ -89,8 +92,8 @@ def image_cache_dir() -> Path:
 
 
 # ------------------------------------------------------------------------------------ decoding
-def decode_into(out: np.ndarray, paths: Sequence[str], size: int,
-                threads: int | None = None) -> list[str]:
+def decode_into(out: np.ndarray, paths: Sequence[str], size: int, threads: int | None = None,
+                interpolation: str = DEFAULT_INTERPOLATION) -> list[str]:
     """Decode ``paths`` into the rows of ``out`` (N, size, size, 3); returns the undecodable paths
     (their rows are left as they were: zeros in a fresh array)."""
     global DECODE_COUNT
@@ -98,7 +101,7 @@ def decode_into(out: np.ndarray, paths: Sequence[str], size: int,
 
     def one(i: int) -> None:
         try:
-            out[i] = read_image(paths[i], size)
+            out[i] = read_image(paths[i], size, interpolation)
         except ImageDecodeError:
             bad.append(paths[i])
 
@@ -108,15 +111,15 @@ def decode_into(out: np.ndarray, paths: Sequence[str], size: int,
     return sorted(bad)
 
 
-def decode_all(paths: Sequence[str], size: int,
-               threads: int | None = None) -> tuple[np.ndarray, list[str]]:
+def decode_all(paths: Sequence[str], size: int, threads: int | None = None,
+               interpolation: str = DEFAULT_INTERPOLATION) -> tuple[np.ndarray, list[str]]:
     """Decode ``paths`` to an (N, size, size, 3) uint8 array aligned with ``paths``.
 
     Undecodable files do not stop the build: their rows stay black and their paths are returned as
     the second element, so the caller drops them (see ``as_image_dict``).
     """
     out = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
-    return out, decode_into(out, paths, size, threads)
+    return out, decode_into(out, paths, size, threads, interpolation)
 
 
 def as_image_dict(paths: Sequence[str], images: np.ndarray,
@@ -126,10 +129,11 @@ def as_image_dict(paths: Sequence[str], images: np.ndarray,
     return {p: images[i] for i, p in enumerate(paths) if p not in skip}
 
 
-def decode_dict(paths: Sequence[str], size: int,
-                threads: int | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+def decode_dict(paths: Sequence[str], size: int, threads: int | None = None,
+                interpolation: str = DEFAULT_INTERPOLATION
+                ) -> tuple[dict[str, np.ndarray], list[str]]:
     """``decode_all`` as the path -> image dict that ``fold_datasets`` takes, plus the bad paths."""
-    images, bad = decode_all(paths, size, threads)
+    images, bad = decode_all(paths, size, threads, interpolation)
     return as_image_dict(paths, images, bad), bad
 
 
@@ -206,10 +210,12 @@ class CachedRows(Sequence):
 
 
 # ------------------------------------------------------------------------------- the node cache
-def cache_key(paths: Sequence[str], size: int) -> str:
-    """Digest of the sorted paths with size and mtime, the image size and the decoder version."""
+def cache_key(paths: Sequence[str], size: int,
+              interpolation: str = DEFAULT_INTERPOLATION) -> str:
+    """Digest of the sorted paths with size and mtime, the image size, the interpolation and the
+    decoder version."""
     h = hashlib.blake2b(digest_size=12)
-    h.update(f"leuk-ray images v{DECODER_VERSION} size {size}\n".encode())
+    h.update(f"leuk-ray images v{DECODER_VERSION} size {size} {interpolation}\n".encode())
     for p in sorted(paths):
         try:
             st = os.stat(p)
@@ -236,7 +242,8 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def _open_ready(npy: Path, meta: Path, size: int) -> tuple[CachedImages, list[str]] | None:
+def _open_ready(npy: Path, meta: Path, size: int,
+                interpolation: str) -> tuple[CachedImages, list[str]] | None:
     """The cache at ``npy`` if its sidecar says it is complete and the shapes agree, else None."""
     try:
         side = json.loads(meta.read_text())
@@ -245,18 +252,19 @@ def _open_ready(npy: Path, meta: Path, size: int) -> tuple[CachedImages, list[st
         return None
     paths, bad = side.get("paths", []), side.get("bad", [])
     if side.get("decoder_version") != DECODER_VERSION or arr.shape != (len(paths), size, size, 3) \
-            or arr.dtype != np.uint8:
+            or arr.dtype != np.uint8 or side.get("interpolation") != interpolation:
         return None
     return CachedImages(MappedArray(npy, arr), paths, bad, source=f"node cache {npy}"), list(bad)
 
 
-def _build(npy: Path, meta: Path, paths: list[str], size: int, threads: int | None) -> None:
+def _build(npy: Path, meta: Path, paths: list[str], size: int, threads: int | None,
+           interpolation: str) -> None:
     """Decode into a temporary file beside ``npy``, fsync, rename; then the sidecar (the mark)."""
     tmp = npy.with_name(f".{npy.name}.tmp{os.getpid()}")
     try:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                         shape=(len(paths), size, size, 3))
-        bad = decode_into(arr, paths, size, threads)
+        bad = decode_into(arr, paths, size, threads, interpolation)
         arr.flush()
         del arr
         with open(tmp, "rb+") as fh:
@@ -265,7 +273,8 @@ def _build(npy: Path, meta: Path, paths: list[str], size: int, threads: int | No
     finally:
         if tmp.exists():
             tmp.unlink()
-    side = {"decoder_version": DECODER_VERSION, "image_size": size, "paths": paths, "bad": bad,
+    side = {"decoder_version": DECODER_VERSION, "image_size": size,
+            "interpolation": interpolation, "paths": paths, "bad": bad,
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     mtmp = meta.with_name(f".{meta.name}.tmp{os.getpid()}")
     try:
@@ -277,22 +286,24 @@ def _build(npy: Path, meta: Path, paths: list[str], size: int, threads: int | No
 
 
 def node_cache(paths: Sequence[str], size: int, directory: str | Path | None = None,
-               threads: int | None = None) -> tuple[CachedImages, list[str], bool]:
-    """Open (or build, once per node) the memory-mapped cache of ``paths`` at ``size`` px.
+               threads: int | None = None, interpolation: str = DEFAULT_INTERPOLATION
+               ) -> tuple[CachedImages, list[str], bool]:
+    """Open (or build, once per node) the memory-mapped cache of ``paths`` at ``size`` px, resized
+    with ``interpolation``.
 
     Returns (images, bad paths, built: whether this call decoded). Raises OSError when the directory
     cannot be created or written, or has too little free space.
     """
     d = Path(directory) if directory is not None else image_cache_dir()
     order = sorted({str(p) for p in paths})
-    key = cache_key(order, size)
+    key = cache_key(order, size, interpolation)
     npy, meta, lock = d / f"{key}.npy", d / f"{key}.json", d / f"{key}.lock"
-    ready = _open_ready(npy, meta, size)
+    ready = _open_ready(npy, meta, size, interpolation)
     if ready is not None:
         return (*ready, False)
     d.mkdir(parents=True, exist_ok=True)
     with _exclusive(lock):
-        ready = _open_ready(npy, meta, size)  # built while we waited for the lock
+        ready = _open_ready(npy, meta, size, interpolation)  # built while we waited for the lock
         if ready is not None:
             return (*ready, False)
         need = cache_bytes(len(order), size) + 2**20
@@ -300,15 +311,17 @@ def node_cache(paths: Sequence[str], size: int, directory: str | Path | None = N
         if free < need:
             raise OSError(errno.ENOSPC, f"{need / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB "
                           "free", str(d))
-        _build(npy, meta, order, size, threads)
-    ready = _open_ready(npy, meta, size)
+        _build(npy, meta, order, size, threads, interpolation)
+    ready = _open_ready(npy, meta, size, interpolation)
     if ready is None:
         raise OSError(errno.EIO, "cache file unreadable right after writing it", str(npy))
     return (*ready, True)
 
 
-def image_cache(d: DataConfig, prepared: PreparedData) -> tuple[CachedImages | None, list[str]]:
-    """The decoded CV images for ``fold_datasets`` (data.cache: on, off, or auto = when the file
+def image_cache(d: DataConfig, prepared: PreparedData, interpolation: str = DEFAULT_INTERPOLATION
+                ) -> tuple[CachedImages | None, list[str]]:
+    """The decoded CV images for ``fold_datasets``, resized with ``interpolation`` (the backbone's:
+    ``preprocessing_for(cfg).interpolation``) (data.cache: on, off, or auto = when the file
     fits data.cache_mb): the node's shared memory-mapped cache, or a per-process decode when the
     cache directory cannot be written, or None (decode per item) when off or over budget."""
     paths = prepared.train["path"].tolist()
@@ -325,13 +338,13 @@ def image_cache(d: DataConfig, prepared: PreparedData) -> tuple[CachedImages | N
               "(data.cache = on); the page cache keeps what fits in RAM", flush=True)
     t0 = time.perf_counter()
     try:
-        images, bad, built = node_cache(paths, size)
+        images, bad, built = node_cache(paths, size, interpolation=interpolation)
     except OSError as e:
         where = e.filename or image_cache_dir()
         print(f"image cache: cannot use the node cache in {where} ({e.strerror or e}); decoding "
               f"{len(paths)} images into this process's memory instead (set LEUK_RAY_CACHE_DIR to "
               "a writable local disk)", flush=True)
-        arr, bad = decode_all(paths, size)
+        arr, bad = decode_all(paths, size, interpolation=interpolation)
         return CachedImages(arr, paths, bad), bad
     how = "decoded" if built else "opened"
     print(f"image cache: {how} {len(paths)} images ({mb:.0f} MiB, {images.source}) in "

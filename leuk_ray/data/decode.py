@@ -1,4 +1,8 @@
-"""The one image decoder: any C-NMC-like file -> (size, size, 3) uint8 RGB, plus cheap byte checks."""
+"""The one image decoder: any C-NMC-like file -> (size, size, 3) uint8 RGB, plus cheap byte checks.
+
+The one resize too: ``interpolation`` is a timm interpolation name (the backbone's, from
+``leuk_ray.data.transforms.preprocessing_for``) mapped to its OpenCV flag by ``cv2_interpolation``.
+"""
 from __future__ import annotations
 
 import struct
@@ -10,6 +14,17 @@ import numpy as np
 from leuk_ray.errors import UserError
 
 IMAGE_EXTS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+# timm's interpolation names -> OpenCV flags ("area": OpenCV's INTER_AREA, box-filter averaging).
+INTERPOLATIONS: dict[str, int] = {
+    "bicubic": cv2.INTER_CUBIC,
+    "bilinear": cv2.INTER_LINEAR,
+    "nearest": cv2.INTER_NEAREST,
+    "lanczos": cv2.INTER_LANCZOS4,
+    "box": cv2.INTER_AREA,
+    "area": cv2.INTER_AREA,
+}
+DEFAULT_INTERPOLATION = "bicubic"  # timm's default (resolve_data_config), used by most backbones
 
 _MAGIC = {
     "bmp": (b"BM",),
@@ -82,26 +97,51 @@ def to_rgb_uint8(img: np.ndarray) -> np.ndarray:
     raise ValueError(f"unsupported image shape {img.shape}")
 
 
-def read_image(path: str | Path, size: int | None = None) -> np.ndarray:
-    """Decode ``path`` to an RGB uint8 array, resized (INTER_AREA) to ``size`` x ``size`` if given.
+def read_bytes(path: str | Path) -> np.ndarray:
+    """A file's bytes as a uint8 array (also handles non-ASCII paths, unlike cv2.imread)."""
+    return np.fromfile(Path(path), dtype=np.uint8)
+
+
+def decode_bytes(data: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+    """(RGB uint8 image at full size, None) from a file's bytes, or (None, why it is unusable)."""
+    reason = check_image_bytes(data[:64].tobytes(), data[-4096:].tobytes(), int(data.size))
+    if reason:
+        return None, reason
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        return None, "corrupt or unsupported"
+    try:
+        return to_rgb_uint8(img), None
+    except ValueError as e:
+        return None, str(e)
+
+
+def cv2_interpolation(name: str) -> int:
+    """The OpenCV flag of a timm interpolation name; ValueError for one OpenCV cannot do."""
+    try:
+        return INTERPOLATIONS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"interpolation {name!r} is not supported (use one of "
+                         f"{', '.join(INTERPOLATIONS)})") from None
+
+
+def read_image(path: str | Path, size: int | None = None,
+               interpolation: str = DEFAULT_INTERPOLATION) -> np.ndarray:
+    """Decode ``path`` to an RGB uint8 array, resized to ``size`` x ``size`` if given with
+    ``interpolation`` (a timm name, see ``INTERPOLATIONS``; the backbone's preprocessing says which).
 
     Raises ``ImageDecodeError`` naming the file when it cannot be read or decoded.
     """
     p = Path(path)
     try:
-        data = np.fromfile(p, dtype=np.uint8)  # also handles non-ASCII paths, unlike cv2.imread
+        data = read_bytes(p)
     except OSError as e:
         raise ImageDecodeError(f"{p}: cannot read image file ({e.strerror or e}); "
                                "remove or replace it") from None
-    reason = check_image_bytes(data[:64].tobytes(), data[-4096:].tobytes(), int(data.size))
-    img = None if reason else cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    if img is None or img.size == 0:
-        raise ImageDecodeError(f"{p}: cannot decode image ({reason or 'corrupt or unsupported'}); "
-                               "remove or replace the file")
-    try:
-        img = to_rgb_uint8(img)
-    except ValueError as e:
-        raise ImageDecodeError(f"{p}: cannot decode image ({e})") from None
+    img, reason = decode_bytes(data)
+    if img is None:
+        raise ImageDecodeError(f"{p}: cannot decode image ({reason}); remove or replace the file")
+    flag = cv2_interpolation(interpolation)
     if size is not None and img.shape[:2] != (size, size):
-        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+        img = cv2.resize(img, (size, size), interpolation=flag)
     return np.ascontiguousarray(img)

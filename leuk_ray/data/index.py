@@ -1,8 +1,12 @@
 """The image index: one row per usable image (path, label, subject, split, hash), bad files set aside.
 
-Hashing reads every byte once; the digests are kept in a small per-root cache file keyed by
-(path, size, mtime_ns) under ``$LEUK_RAY_CACHE_DIR`` or ``~/.cache/leuk_ray``, so re-indexing 100k
-files costs a ``stat`` each. The data folder itself is never written (it may be read-only).
+``hash`` is a digest of the decoded RGB uint8 pixels and their shape, not of the file's bytes, so a
+copy re-encoded (BMP -> PNG, another compression level) or re-saved with other metadata is found as
+the same content. Decoding also finds files that pass the byte checks but do not decode. Every image
+is decoded once (threads; OpenCV and hashlib release the GIL); the digests are kept in a small
+per-root cache file keyed by (path, size, mtime_ns) under ``$LEUK_RAY_CACHE_DIR`` or
+``~/.cache/leuk_ray``, so re-indexing 100k files costs a ``stat`` each. The data folder itself is
+never written (it may be read-only).
 """
 from __future__ import annotations
 
@@ -14,16 +18,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from leuk_ray.data.decode import check_image_bytes
+from leuk_ray.data.decode import decode_bytes, read_bytes
 from leuk_ray.data.layouts import scan
 from leuk_ray.data.subjects import parse_name
 from leuk_ray.errors import UserError
 
 COLUMNS = ("path", "label", "subject", "split", "hash")
-_CACHE_VERSION = 1
-_CHUNK = 1 << 20
+_CACHE_VERSION = 2  # 2: pixel digests (1 hashed the file bytes)
 
 
 @dataclass
@@ -64,19 +68,18 @@ def _save_cache(f: Path, files: dict[str, list]) -> None:
         pass
 
 
-def hash_file(path: str) -> tuple[str, str | None]:
-    """(blake2b-128 hex digest of the bytes, reason the file is not a usable image or None)."""
+def pixel_digest(img: np.ndarray) -> str:
+    """blake2b-128 hex digest of a decoded RGB uint8 image and its shape."""
     h = hashlib.blake2b(digest_size=16)
-    head = tail = b""
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            if not head:
-                head = chunk[:64]
-            h.update(chunk)
-            tail = (tail + chunk)[-4096:]
-            size += len(chunk)
-    return h.hexdigest(), check_image_bytes(head, tail, size)
+    h.update(f"rgb8 {'x'.join(map(str, img.shape))}\n".encode())
+    h.update(np.ascontiguousarray(img).data)
+    return h.hexdigest()
+
+
+def hash_image(path: str) -> tuple[str, str | None]:
+    """(``pixel_digest`` of the decoded file, None), or ("", why the file is not a usable image)."""
+    img, reason = decode_bytes(read_bytes(path))
+    return ("", reason) if img is None else (pixel_digest(img), None)
 
 
 def _stat_hash(path: str, cached: dict[str, list]) -> tuple[str, list | str]:
@@ -86,7 +89,7 @@ def _stat_hash(path: str, cached: dict[str, list]) -> tuple[str, list | str]:
         hit = cached.get(path)
         if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             return path, hit
-        digest, reason = hash_file(path)
+        digest, reason = hash_image(path)
         return path, [st.st_size, st.st_mtime_ns, digest, reason]
     except OSError as e:
         return path, f"unreadable ({e.strerror or e})"
@@ -94,16 +97,16 @@ def _stat_hash(path: str, cached: dict[str, list]) -> tuple[str, list | str]:
 
 def build_index(root: str | Path, *, max_bad_fraction: float = 0.01,
                 threads: int | None = None) -> IndexResult:
-    """Scan ``root``, hash every image (cached), set bad files aside and return the index.
+    """Scan ``root``, hash every image's pixels (cached), set bad files aside and return the index.
 
     Raises ``UserError`` for a missing/unknown layout, bad labels CSV, or when more than
-    ``max_bad_fraction`` of the files are unusable (empty, not an image, truncated).
+    ``max_bad_fraction`` of the files are unusable (empty, not an image, truncated, undecodable).
     """
     s = scan(root)
     cfile = _cache_file(s.root)
     cached = _load_cache(cfile)
     paths = [e.path for e in s.entries]
-    blocks = [paths[i:i + 256] for i in range(0, len(paths), 256)]
+    blocks = [paths[i:i + 64] for i in range(0, len(paths), 64)]
     with ThreadPoolExecutor(max_workers=threads or min(16, 2 * (os.cpu_count() or 1))) as ex:
         results = dict(r for block in ex.map(lambda b: [_stat_hash(p, cached) for p in b], blocks)
                        for r in block)

@@ -8,8 +8,8 @@ import pandas as pd
 
 from leuk_ray.config import DataConfig
 from leuk_ray.data.index import IndexResult, build_index
-from leuk_ray.data.splits import (audit_split, holdout_assign, kfold_assign, link_groups,
-                                  official_assign)
+from leuk_ray.data.splits import (audit_split, holdout_assign, holdout_warning, kfold_assign,
+                                  link_groups, official_assign)
 from leuk_ray.errors import UserError
 
 TEST_SPLITS = ("test", "prelim")
@@ -83,10 +83,14 @@ def split_frames(ix: IndexResult, dcfg: DataConfig) -> PreparedData:
     if dcfg.split == "kfold":
         pool["fold"] = kfold_assign(pool, dcfg.folds, dcfg.seed, grouped=grouped)
     elif dcfg.split == "official":
-        pool["fold"] = official_assign(pool, ix.layout, ix.root)
+        pool["fold"], moved = official_assign(pool, ix.layout, ix.root, grouped=grouped)
+        warnings += moved
         n_folds = 3
     elif dcfg.split == "holdout":
         part = holdout_assign(pool, list(dcfg.holdout), dcfg.seed, grouped=grouped)
+        off = holdout_warning(part, list(dcfg.holdout), grouped)
+        if off:
+            warnings.append(off)
         carved = pool[part == 2].drop(columns="group").assign(split="holdout_test")
         test = pd.concat([carved, test], ignore_index=True)
         pool = pool[part < 2].reset_index(drop=True)
