@@ -32,6 +32,7 @@ def main() -> None:
     if not DATA.is_dir():
         raise SystemExit(f"{DATA}: the real C-NMC sample is needed")
     out = Path(a.out or tempfile.mkdtemp(prefix="pvs_"))
+    out.mkdir(parents=True, exist_ok=True)
     extra = [x for o in a.overrides for x in ("--set", o)]
     runs = {"pretrained": [],
             "scratch": ["--set", "model.pretrained=false", "--set", "model.pretrained_path="]}

@@ -124,6 +124,28 @@ class RayConfig:
                             range=(0.0, 64.0), open=(0.0,))
     driver_resource: str = _f("", "custom resource that places trial drivers (e.g. TRAIN_DRIVER)")
     max_failures: int = _f(2, "worker-group restarts per trial after a lost worker", range=(0, 100))
+    placement_strategy: str = _f("PACK", "how a trial's fold workers are placed on nodes (Ray "
+                                 "placement-group strategy): PACK (few nodes, best effort), SPREAD "
+                                 "(many nodes, best effort), STRICT_PACK (all on one node), "
+                                 "STRICT_SPREAD (each on its own node)",
+                                 choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    driver_memory_mb: int = _f(2048, "memory Ray reserves for each trial's driver, with its Ray "
+                               "Train controller and helper actors, on the driver's node (0 = none)",
+                               range=(0, 10**7))
+    worker_start_timeout_s: float = _f(600.0, "how long a trial's fold workers may wait to be placed "
+                                       "(longer than a GPU node takes to boot on an autoscaling "
+                                       "cluster)", range=(10.0, 86400.0))
+    start_retries: int = _f(2, "times a trial may retry placing its fold workers after "
+                            "worker_start_timeout_s before it fails", range=(0, 1000))
+    collective_timeout_s: float = _f(21600.0, "how long a fold (e.g. one that stopped early) waits "
+                                     "for the other folds' epoch: longer than the slowest fold's "
+                                     "epoch with validation", range=(1.0, 7 * 86400.0))
+    trial_max_failures: int = _f(1, "search: times Tune restarts a trial whose driver was lost; it "
+                                 "resumes its folds' checkpoints (user errors and exhausted "
+                                 "ray.max_failures are not retried)", range=(0, 100))
+    autoscaling: str = _f("auto", "whether the cluster adds nodes on demand: auto (ask Ray), true, "
+                          "false. A trial that does not fit a fixed cluster is refused; on an "
+                          "autoscaling one it is a warning", choices=("auto", "true", "false"))
     shared_storage: bool = _f(False, "declare a local storage path shared by every node (an NFS/EFS "
                               "mount not recognised as one); s3:// and network mounts need not")
 
@@ -446,3 +468,52 @@ def describe_fields() -> str:
                          f"{meta.get('help', '')}")
     return "\n".join(lines)
 
+
+
+# ----------------------------------------------------------------------------------------- serve
+@dataclass
+class ServeConfig:
+    """``leuk_ray.serve``'s application settings: its command-line flags, or the ``args`` of the
+    application in a Serve config file (``serve.yaml``), checked by ``serve_config``. (The HTTP
+    host and port are the Serve instance's, not the application's: flags, or ``http_options``.)"""
+
+    model: str = _f("", "ensemble artifact directory (on a cluster: the same path on every node "
+                    "that may run a replica)")
+    replicas: int = _f(1, "model replicas, each holding the whole ensemble", range=(1, 1024))
+    gpus_per_replica: float = _f(0.0, "GPU share per replica (0 = CPU; 0.5 = two per GPU)",
+                                 range=(0.0, 64.0))
+    cpus_per_replica: float = _f(1.0, "CPUs per replica (its torch threads)", range=(0.0, 1024.0),
+                                 open=(0.0,))
+    max_batch: int = _f(0, "images per forward pass, gathered across requests (0 = 128 on a GPU, "
+                        "16 on CPU)", range=(0, 65536))
+    batch_wait_ms: float = _f(5.0, "how long a batch waits for more images, ms",
+                              range=(0.0, 60000.0))
+    max_ongoing_requests: int = _f(64, "requests a replica holds at once (more wait in the proxy)",
+                                   range=(1, 100000))
+    max_files: int = _f(64, "images per request", range=(1, 100000))
+    max_file_mb: float = _f(16.0, "bytes per image, MiB", range=(0.0, 4096.0), open=(0.0,))
+    max_request_mb: float = _f(64.0, "bytes per request body, MiB", range=(0.0, 65536.0),
+                               open=(0.0,))
+
+
+def serve_config(values: dict | None, *, where: str = "serve args",
+                 names: dict[str, str] | None = None) -> ServeConfig:
+    """A checked ``ServeConfig`` from a mapping (unknown keys, wrong types and out-of-range values
+    are UserErrors naming ``where`` and the key, or ``names[key]``, e.g. a command-line flag)."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise UserError(f"{where}: expected a mapping of settings, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(ServeConfig)}
+    sc = ServeConfig()
+    for key, value in values.items():
+        if key not in fields:
+            raise UserError(f"{where}: unknown setting '{key}' (known: {', '.join(fields)})")
+        name = (names or {}).get(key, key)
+        value = _coerce(value, fields[key].type, name, where)
+        _check_value(fields[key], value, name, where)
+        setattr(sc, key, value)
+    if not sc.model:
+        raise UserError(f"{where}: {(names or {}).get('model', 'model')} is missing: name the "
+                        "ensemble artifact directory written by leuk_ray.final")
+    return sc

@@ -514,27 +514,45 @@ class FoldRun:
                 f"{r['seconds']:.1f}s{extra}")
 
     # ----------------------------------------------------------------------- state and result
-    def state_dict(self) -> dict:
-        """Everything to continue after ``self.epoch``; torch.load(weights_only=True)-safe."""
-        return {
+    def state_dict(self, *, best_weights: bool = True) -> dict:
+        """What continuing after ``self.epoch`` needs, and no more (torch.load(weights_only=True)
+        safe).
+
+        A run that is not done keeps its model, optimiser, scheduler and scaler (to train on); a
+        done run never trains again and keeps none of them. ``best_weights``: keep the best epoch's
+        weights and validation probabilities (what the final job's ensemble and OOF calibration
+        are made of; a search scores trials on metrics alone and passes False). They are stored
+        once: while the best epoch is the last one (``best_is_model``) they are the model's
+        weights, not a second copy.
+        """
+        training = not self.done
+        best_is_model = training and best_weights and self.best_epoch == self.epoch \
+            and self.best_state is not None
+        state = {
             "version": STATE_VERSION,
             "fold": self.fold,
             "epoch": self.epoch,
             "done": self.done,
             "config": to_dict(self.cfg),
-            "model": _cpu_state(self.model),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
-            "scaler": self.scaler.state_dict(),
             "history": [dict(r) for r in self.history],
             "best_epoch": self.best_epoch,
             "best_score": self.best_score,
             "best_metrics": self.best_metrics,
-            "best_state": self.best_state,
-            "best_probs": None if self.best_probs is None else torch.from_numpy(self.best_probs),
+            "best_is_model": best_is_model,
+            "best_state": self.best_state if best_weights and not best_is_model else None,
+            "best_probs": None if self.best_probs is None or not best_weights
+            else torch.from_numpy(self.best_probs),
             "bad_epochs": self.bad_epochs,
             "nonfinite_run": self.nonfinite_run,
         }
+        if training:
+            state.update({
+                "model": _cpu_state(self.model),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+                "scaler": self.scaler.state_dict(),
+            })
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -550,19 +568,24 @@ class FoldRun:
                 raise UserError(f"fold {self.fold}: the resume state was written with {key} = "
                                 f"{old!r}, this run has {new!r}: resume with the same config or "
                                 "start a fresh run")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        if state.get("model") is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        elif not state["done"]:
+            raise UserError(f"fold {self.fold}: the resume state of an unfinished run holds no "
+                            "model weights: delete it to start that fold afresh")
         self.epoch = int(state["epoch"])
         self.done = bool(state["done"])
         self.history = [dict(r) for r in state["history"]]
         self.best_epoch = int(state["best_epoch"])
         self.best_score = state["best_score"]
         self.best_metrics = dict(state["best_metrics"])
-        self.best_state = state["best_state"]
+        self.best_state = _cpu_state(self.model) if state.get("best_is_model") \
+            else state["best_state"]
         bp = state["best_probs"]
         self.best_probs = None if bp is None else bp.numpy().astype(np.float64)
         self.bad_epochs = int(state["bad_epochs"])

@@ -10,7 +10,9 @@
    same again on TTA outputs (``leuk_ray.calibration``: what predict applies).
 4. Evaluates every fold model and the ensemble (mean of the calibrated fold probabilities) on the
    labelled test set, with and without test-time augmentation, with bootstrap confidence
-   intervals over test subjects.
+   intervals over test subjects. The models run where the folds trained: one Ray task per fold
+   with a fold worker's resources (its GPU share) scores the fold's out-of-fold rows with TTA and
+   the test set (``score_folds``); this driver only combines the returned probabilities.
 5. Writes the artifact atomically: manifest.json, fold_<i>.pt, metrics.json, oof.csv, report/.
 """
 from __future__ import annotations
@@ -27,17 +29,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from leuk_ray import cluster
-from leuk_ray.artifact import Ensemble, build_ensemble, leuk_ray_version, save_artifact
+from leuk_ray.artifact import build_ensemble, leuk_ray_version, save_artifact
 from leuk_ray.calibration import Calibration, fit_calibration
 from leuk_ray.cli import common_parser, run_main
-from leuk_ray.config import (SMOKE_MODEL, Config, config_from_yaml_with_extras, load_config,
-                             set_value, to_dict)
+from leuk_ray.config import (SMOKE_MODEL, Config, config_from_yaml_with_extras, from_dict,
+                             load_config, set_value, to_dict)
 from leuk_ray.data import PreparedData, prepare_data
 from leuk_ray.data.dataset import frame_dataset
-from leuk_ray.data.transforms import Preprocessing, eval_transform, preprocessing_for
-from leuk_ray.engine import load_checkpoint, predict_probs
+from leuk_ray.data.transforms import Preprocessing, eval_transform
+from leuk_ray.engine import load_checkpoint
 from leuk_ray.errors import UserError
 from leuk_ray.fold_trainer import VAL_ROWS, ValidationRows, fold_file, run_folds
 from leuk_ray.metrics import bootstrap_ci, classification_metrics
@@ -179,27 +182,88 @@ def _oof(prepared: PreparedData, states: Sequence[dict]) -> OutOfFold:
         prob_all=np.concatenate([p.astype(np.float64) for _, p in parts]))
 
 
-def _rows_dataset(paths: Sequence[str], labels: Sequence[int], subjects: Sequence[str],
-                  cfg: Config):
-    """An evaluation dataset (decoded per item, eval transform) over the given rows."""
-    df = pd.DataFrame({"path": list(paths), "label": list(labels), "subject": list(subjects)})
-    return _eval_dataset(df, preprocessing_for(cfg))
-
-
 def _eval_dataset(df: pd.DataFrame, prep: Preprocessing):
     """Rows of ``df`` decoded and resized as ``prep`` (the backbone's, what training used) says."""
     return frame_dataset(df, prep.image_size, eval_transform(prep.image_size, prep.interpolation),
                          interpolation=prep.interpolation)
 
 
-def _oof_tta(ens: Ensemble, oof: OutOfFold, cfg: Config) -> np.ndarray:
+def _rows(paths: Sequence[str], labels: Sequence[int], subjects: Sequence[str]) -> pd.DataFrame:
+    return pd.DataFrame({"path": list(paths), "label": list(labels), "subject": list(subjects)})
+
+
+def _labelled_test(prepared: PreparedData) -> pd.DataFrame | None:
+    test = prepared.test
+    test = test[test["label"] >= 0] if test is not None else None
+    if test is None or len(test) == 0:
+        return None
+    return _rows(test["path"], test["label"].astype(int), test["subject"])
+
+
+@dataclass
+class FoldScores:
+    """What one fold model scored (``score_fold``): P(ALL), uncalibrated, in row order."""
+    fold: int
+    oof_tta: np.ndarray | None    # the fold's own out-of-fold rows, 8 TTA views (None: no TTA)
+    test: np.ndarray | None       # the labelled test rows (None: no labelled test set)
+    test_tta: np.ndarray | None   # the same with TTA (None: no TTA or no test set)
+    device: str                   # where it ran: cuda or cpu
+
+
+def score_fold(cfg_dict: dict[str, Any], fold: int, best_state: dict,
+               oof_rows: pd.DataFrame | None, test: pd.DataFrame | None,
+               tta: bool) -> FoldScores:
+    """Fold ``fold``'s best model, built as the artifact builds it, on its out-of-fold rows with
+    TTA and on the test rows without and with TTA: ``Ensemble.predict`` (``predict_probs``), the
+    inference path of predict. Runs in a Ray task beside the fold workers (``score_folds``)."""
+    cfg = from_dict(cfg_dict, where="final scoring task")
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    ens = build_ensemble(cfg, [best_state], device=cfg.train.device)
+
+    def probs(rows: pd.DataFrame | None, with_tta: bool) -> np.ndarray | None:
+        if rows is None or len(rows) == 0:
+            return None
+        _, per_fold = ens.predict(_eval_dataset(rows, ens.preprocessing), tta=with_tta,
+                                  batch_size=cfg.train.batch_size)
+        return per_fold[0]
+
+    return FoldScores(fold=fold, oof_tta=probs(oof_rows, True) if tta else None,
+                      test=probs(test, False), test_tta=probs(test, True) if tta else None,
+                      device=str(ens.device))
+
+
+def score_folds(cfg: Config, states: Sequence[dict], oof: OutOfFold,
+                test: pd.DataFrame | None) -> list[FoldScores]:
+    """``score_fold`` for every fold, as k Ray tasks in parallel, each with a fold worker's
+    resources (``ray.cpus_per_worker``, ``ray.gpus_per_worker``): the k models x 8 TTA views run
+    on the GPUs the folds trained on, not in this driver (on a cluster, a CPU head node). What
+    comes back is typed data; this driver never builds a model."""
+    import ray
+
+    bundle = dict(cluster.worker_bundle(cfg))  # what Ray Train reserves for a fold worker
+    task = ray.remote(score_fold).options(
+        num_cpus=bundle.pop("CPU", 0.0), num_gpus=bundle.pop("GPU", 0.0),
+        memory=bundle.pop("memory", None), resources=bundle or None,
+        name="leuk_ray.final.score_fold")
+    refs = []
+    for i, st in enumerate(states):
+        m = oof.fold == i
+        rows = _rows(oof.path[m], oof.label[m], oof.subject[m]) if cfg.final.tta else None
+        refs.append(task.remote(to_dict(cfg), i, st["best_state"], rows, test, cfg.final.tta))
+    try:
+        return list(ray.get(refs))
+    except ray.exceptions.RayTaskError as e:  # a user error in a task: its one line, no trace
+        if isinstance(e.cause, UserError):
+            raise e.cause from None
+        raise
+
+
+def _oof_tta(oof: OutOfFold, scores: Sequence[FoldScores]) -> np.ndarray:
     """Each OOF row's P(ALL) from its own fold model averaged over the 8 TTA views."""
     out = np.empty(len(oof), dtype=np.float64)
-    for i, model in enumerate(ens.models):
-        m = oof.fold == i
-        ds = _rows_dataset(oof.path[m], oof.label[m], oof.subject[m], cfg)
-        out[m] = predict_probs(model, ds, device=ens.device, batch_size=cfg.train.batch_size,
-                               prep=ens.preprocessing, tta=True, amp=cfg.train.amp)
+    for s in scores:
+        out[oof.fold == s.fold] = s.oof_tta
     return out
 
 
@@ -219,30 +283,31 @@ def _write_oof_csv(oof: OutOfFold, cal: Calibration, path: Path,
                        + [f"{v:.6f}" for v in row[4:]])
 
 
-def evaluate_test(ens: Ensemble, prepared: PreparedData,
-                  cfg: Config) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Every fold model and the ensemble on the labelled test set, without and with TTA, each
-    with the calibration fitted for it (``Calibration.combine``: what predict applies); bootstrap
-    confidence intervals over test subjects for the ensembles."""
-    test = prepared.test
-    test = test[test["label"] >= 0] if test is not None else None
+def evaluate_test(test: pd.DataFrame | None, scores: Sequence[FoldScores], cal: Calibration,
+                  tta_cal: Calibration | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Every fold model and the ensemble on the labelled test set, without and (with a TTA
+    calibration) with TTA, each with the calibration fitted for it (``Calibration.combine``: what
+    predict applies); bootstrap confidence intervals over test subjects for the ensembles."""
     if test is None or len(test) == 0:
         return {}, {}
-    ds = _eval_dataset(test, ens.preprocessing)
-    y, subj = ds.labels, list(ds.subjects)
+    y = test["label"].to_numpy(dtype=np.int64)
+    subj = list(test["subject"])
     out: dict[str, Any] = {"n": int(len(y)), "subjects": sorted(set(subj)), "ci": {}}
     probs: dict[str, np.ndarray] = {}
-    for tta in ([False, True] if cfg.final.tta else [False]):
+    for tta, c in ((False, cal), (True, tta_cal)):
+        if c is None:
+            continue
         key = "ensemble_tta" if tta else "ensemble"
-        cal = ens.calibration_for(tta)
-        p, per_fold = ens.predict(ds, tta=tta, batch_size=cfg.train.batch_size)
-        out[key] = classification_metrics(y, p, cal.threshold, subjects=subj)
-        out["ci"][key] = bootstrap_ci(y, p, cal.threshold, subj)
+        per_fold = np.stack([s.test_tta if tta else s.test for s in scores])
+        p = c.combine(per_fold)
+        out[key] = classification_metrics(y, p, c.threshold, subjects=subj)
+        out["ci"][key] = bootstrap_ci(y, p, c.threshold, subj)
         out["folds_tta" if tta else "folds"] = [
-            classification_metrics(y, pf, cal.threshold, subjects=subj)
-            for pf in cal.calibrated_folds(per_fold)]
+            classification_metrics(y, pf, c.threshold, subjects=subj)
+            for pf in c.calibrated_folds(per_fold)]
         probs[key] = p
-    probs["label"], probs["subject"], probs["path"] = y, np.array(subj), np.array(ds.paths)
+    probs["label"], probs["subject"] = y, np.array(subj)
+    probs["path"] = np.array(list(test["path"]))
     return out, probs
 
 
@@ -296,17 +361,19 @@ def build_final(cfg: Config, prepared: PreparedData, files: cluster.RunFiles,
     oof_cal = cal.calibrated_oof(oof.prob_all, oof.fold)
     oof_metrics = classification_metrics(oof.label, oof_cal, cal.threshold,
                                          subjects=list(oof.subject))
-    ens = build_ensemble(cfg, [s["best_state"] for s in states], calibration=cal,
-                         device=cfg.train.device)
-    oof_tta = None
+    test = _labelled_test(prepared)
+    what = f"{len(oof)} out-of-fold images with TTA, " if cfg.final.tta else ""
+    print(f"{label}scoring {what}{0 if test is None else len(test)} test images"
+          f"{' with and without TTA' if cfg.final.tta else ''}: {k} tasks beside the fold workers",
+          flush=True)
+    scores = score_folds(cfg, states, oof, test)
+    print(f"{label}scored on {', '.join(sorted({s.device for s in scores}))}", flush=True)
+    oof_tta, tta_cal = None, None
     if cfg.final.tta:  # what predict --tta thresholds: calibrate on TTA outputs as well
-        print(f"{label}scoring the {len(oof)} out-of-fold images with TTA to calibrate it",
-              flush=True)
-        p_tta = _oof_tta(ens, oof, cfg)
-        ens.tta_calibration = fit_calibration(oof.label, p_tta, oof.fold, k,
-                                              fit=cfg.final.calibrate)
-        oof_tta = (p_tta, ens.tta_calibration)
-    test_metrics, test_probs = evaluate_test(ens, prepared, cfg)
+        p_tta = _oof_tta(oof, scores)
+        tta_cal = fit_calibration(oof.label, p_tta, oof.fold, k, fit=cfg.final.calibrate)
+        oof_tta = (p_tta, tta_cal)
+    test_metrics, test_probs = evaluate_test(test, scores, cal, tta_cal)
     fold_scores = []
     for i, st in enumerate(states):
         row = {"fold": i, "val_f1": float(st["best_metrics"].get("f1", float("nan"))),
@@ -318,7 +385,7 @@ def build_final(cfg: Config, prepared: PreparedData, files: cluster.RunFiles,
     weights = check_weights(cfg.model).to_dict()  # what the backbones started from
     model = describe_model(cfg, prepared, oof, smoke=smoke, weights=weights)
     calibration = {"plain": cal.to_dict(),
-                   "tta": None if ens.tta_calibration is None else ens.tta_calibration.to_dict()}
+                   "tta": None if tta_cal is None else tta_cal.to_dict()}
     metrics = {"threshold": cal.threshold, "calibration": calibration, "oof": oof_metrics,
                "test": test_metrics, "folds": fold_scores, "model": model}
 
@@ -347,7 +414,7 @@ def build_final(cfg: Config, prepared: PreparedData, files: cluster.RunFiles,
                      main_column="test, ensemble" if test_probs else "out-of-fold")
 
     save_artifact(files.local, cfg=cfg, fold_states=[s["best_state"] for s in states],
-                  fold_scores=fold_scores, calibration=cal, tta_calibration=ens.tta_calibration,
+                  fold_scores=fold_scores, calibration=cal, tta_calibration=tta_cal,
                   model_info=model, metrics=metrics, write_report=report,
                   weights=weights, fold_weights=outcome.fold_weights)
     files.push("")  # to s3:// etc.: every file, manifest.json last
@@ -355,10 +422,10 @@ def build_final(cfg: Config, prepared: PreparedData, files: cluster.RunFiles,
     print(f"\n{label}out-of-fold ({len(oof)} images): {_fmt(oof_metrics)}")
     print(f"temperatures {', '.join(f'{T:.3f}' for T in cal.temperatures)} (one per fold), "
           f"threshold {cal.threshold:.3f} (chosen on out-of-fold data)")
-    if ens.tta_calibration is not None:
+    if tta_cal is not None:
         print(f"with TTA: temperatures "
-              f"{', '.join(f'{T:.3f}' for T in ens.tta_calibration.temperatures)}, threshold "
-              f"{ens.tta_calibration.threshold:.3f}")
+              f"{', '.join(f'{T:.3f}' for T in tta_cal.temperatures)}, threshold "
+              f"{tta_cal.threshold:.3f}")
     for i, s in enumerate(fold_scores):
         print(f"fold {i}: val F1 {s['val_f1']:.4f} (best epoch {s['best_epoch']})"
               + (f", test F1 {s['test_f1']:.4f}" if "test_f1" in s else ""))

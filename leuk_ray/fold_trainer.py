@@ -1,8 +1,10 @@
 """Ray Train: k folds trained side by side, one fold per worker, sharing their metrics every epoch.
 
 Worker i trains fold i with the plain-PyTorch engine (no DDP: each fold is its own model). Every
-epoch the workers exchange their fold metrics with ``all_gather_object`` over a gloo group (gloo
-also works beside CUDA, where NCCL cannot gather CPU objects), and every worker calls
+epoch the workers exchange their fold metrics with ``all_gather_object`` over Ray Train's gloo
+process group (gloo also works beside CUDA, where NCCL cannot gather CPU objects; its timeout is
+``ray.collective_timeout_s``, which must outlast the slowest fold's epoch: a fold that stopped
+early waits there for the others), and every worker calls
 ``ray.train.report`` once (it is a barrier), attaching ``fold_<i>.pt`` so that Ray merges one
 checkpoint directory holding every fold. A restarted worker group (``FailureConfig``) or a restored
 run finds its fold's state there and continues after the last finished epoch; a run restored after
@@ -17,6 +19,7 @@ A ``UserError`` in a fold worker (bad weights, data or checkpoint) ends the run 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -27,10 +30,13 @@ from typing import Any
 
 import ray.train
 import torch.distributed as dist
-from ray.train import (Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
-                       ScalingConfig)
+from ray.train import (Checkpoint, CheckpointConfig, ControllerError, FailureConfig, LoggingConfig,
+                       RunConfig, ScalingConfig, TrainingFailedError, WorkerGroupError)
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
+from leuk_ray.cluster import check_placement, worker_bundle
 from leuk_ray.config import Config, from_dict, to_dict
 from leuk_ray.data import PreparedData
 from leuk_ray.errors import NonFiniteLossError, UserError
@@ -41,6 +47,9 @@ SCORE = "mean_val_f1"  # mean over folds of each fold's best validation weighted
 # per worker). Set in the process that calls fit(); Ray Train passes it on to its controller.
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_S = "0.5"
+# how long Ray Train waits for a worker group's placement group (Ray's default, 60 s, is shorter
+# than a GPU node takes to boot on an autoscaling cluster): ray.worker_start_timeout_s
+WORKER_START_TIMEOUT_ENV = WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 
 
 def fold_file(fold: int) -> str:
@@ -123,6 +132,7 @@ def _summarise(rows: list[dict[str, Any]], total_epochs: int) -> dict[str, Any]:
         out[f"fold_{i}_epoch"] = r["epoch"]
         out[f"fold_{i}_best_epoch"] = r["best_epoch"]
         out[f"fold_{i}_node"] = r["node"]
+        out[f"fold_{i}_gpus"] = r.get("gpus", "")
         if r.get("weights"):
             out[f"fold_{i}_weights"] = r["weights"]
     return out
@@ -149,15 +159,63 @@ def fold_worker(loop_config: dict[str, Any]) -> None:
     retry the worker group as if a node had been lost: the worker reports it (``user_error``) in
     the same gather/report round as the other folds, every fold stops, and the driver raises it.
     """
-    # gloo: also works beside CUDA, where NCCL cannot gather CPU objects
-    group = dist.new_group(backend="gloo") if dist.is_initialized() else None
     try:
-        _train_fold(loop_config, group)
+        _train_fold(loop_config)
     except UserError as e:
-        _report_user_error(f"fold {ray.train.get_context().get_world_rank()}: {e}", group)
+        _report_user_error(f"fold {ray.train.get_context().get_world_rank()}: {e}",
+                           float(loop_config["cfg"]["ray"]["collective_timeout_s"]))
 
 
-def _report_user_error(message: str, group: Any) -> None:
+def _gather(mine: dict[str, Any], k: int, timeout_s: float) -> list[dict[str, Any]]:
+    """Every fold's row, in rank order, over the default (gloo) process group.
+
+    A fold that stopped early waits here for the others' epoch; the wait is bounded by the group's
+    timeout (``TorchConfig(timeout_s=ray.collective_timeout_s)``). Hitting it is said plainly.
+    """
+    rows: list[dict[str, Any]] = [None] * k  # type: ignore[list-item]
+    try:
+        dist.all_gather_object(rows, mine)
+    except RuntimeError as e:
+        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+            raise
+        raise RuntimeError(f"fold {mine['fold']} waited longer than ray.collective_timeout_s="
+                           f"{timeout_s:g}s for the other folds' epoch: raise "
+                           f"ray.collective_timeout_s above the slowest fold's epoch ({e})") from e
+    return rows
+
+
+def _check_gpu(cfg: Config, fold: int) -> None:
+    """A fold worker that Ray gave a GPU must be able to use it.
+
+    Without this, ``train.device=auto`` falls back to the CPU when CUDA is unusable in the worker
+    (a CPU-only torch wheel, a driver older than the wheel's CUDA): the fold trains, slowly, on
+    the CPU while holding the GPU. Applies to ``train.device`` auto and cuda; ``train.device=cpu``
+    is an explicit choice to train on the CPU.
+    """
+    if cfg.train.device == "cpu":
+        return
+    gpus = ray.get_gpu_ids()
+    if not gpus and cfg.ray.gpus_per_worker <= 0:
+        return
+    import torch
+
+    where = (f"ray.gpus_per_worker={cfg.ray.gpus_per_worker:g} gave fold {fold} GPU "
+             f"{','.join(map(str, gpus)) or '?'} on {ray.util.get_node_ip_address()}")
+    fix = ("install a torch build for that node's NVIDIA driver (see `nvidia-smi` and "
+           "torch.version.cuda), or set train.device=cpu or ray.gpus_per_worker=0")
+    if not torch.cuda.is_available():
+        why = ("this torch is a CPU-only build" if torch.version.cuda is None else
+               f"torch (CUDA {torch.version.cuda}) sees no usable GPU there: "
+               f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}")
+        raise UserError(f"{where}, but CUDA is unusable: {why}; {fix}")
+    try:  # a tiny op: a driver/wheel mismatch can pass is_available() and fail here
+        torch.ones(1, device="cuda").add_(1).item()
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or ["error"])[0]
+        raise UserError(f"{where}, but a CUDA operation failed there ({first}); {fix}") from None
+
+
+def _report_user_error(message: str, timeout_s: float) -> None:
     """Take part in the round the other folds are in (gather, report), so that every fold ends on
     ``user_error`` instead of waiting for this one.
 
@@ -172,16 +230,13 @@ def _report_user_error(message: str, group: Any) -> None:
     mine = {"fold": fold, "epoch": 0, "val_f1": 0.0, "val_loss": float("nan"), "best_val_f1": 0.0,
             "best_epoch": 0, "done": True, "failed": "", "user_error": message, "started": now,
             "first_step": 0.0, "node": ray.get_runtime_context().get_node_id(), "stepped": False}
-    rows: list[dict[str, Any]] = [mine]
-    if k > 1:
-        rows = [None] * k  # type: ignore[list-item]
-        dist.all_gather_object(rows, mine, group=group)
+    rows = _gather(mine, k, timeout_s) if k > 1 else [mine]
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / f"user_error_fold_{fold}.txt").write_text(message + "\n")
         ray.train.report(_summarise(rows, 0), checkpoint=Checkpoint.from_directory(tmp))
 
 
-def _train_fold(loop_config: dict[str, Any], group: Any) -> None:
+def _train_fold(loop_config: dict[str, Any]) -> None:
     started = time.time()
     # The training engine (timm, albumentations) is imported here, in the fold workers only: the
     # processes that just build trainers (trial drivers, the final job's driver) stay light.
@@ -192,10 +247,13 @@ def _train_fold(loop_config: dict[str, Any], group: Any) -> None:
 
     cfg: Config = from_dict(loop_config["cfg"], where="fold worker")
     prepared: PreparedData = loop_config["prepared"]
+    best_weights: bool = loop_config.get("best_weights", True)  # see make_trainer
     ctx = ray.train.get_context()
     fold, k = ctx.get_world_rank(), ctx.get_world_size()
     node = ray.get_runtime_context().get_node_id()
+    gpus = ",".join(map(str, ray.get_gpu_ids()))  # Ray's ids on this node ('' without a GPU)
     _quiet_report_log()
+    _check_gpu(cfg, fold)
 
     # Ray Train tees print() through its logger (each line twice in the driver's output): write
     # to the real stdout, one line per epoch.
@@ -243,17 +301,15 @@ def _train_fold(loop_config: dict[str, Any], group: Any) -> None:
             "started": started,
             "first_step": first_step,
             "node": node,
+            "gpus": gpus,
             "stepped": stepped,
             "weights": _weights_of(run.model),
         }
-        rows: list[dict[str, Any]] = [mine]
-        if k > 1:
-            rows = [None] * k  # type: ignore[list-item]
-            dist.all_gather_object(rows, mine, group=group)
+        rows = _gather(mine, k, cfg.ray.collective_timeout_s) if k > 1 else [mine]
         summary = _summarise(rows, cfg.train.epochs)
         if any(r["stepped"] for r in rows):
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint({**run.state_dict(), VAL_ROWS: val_rows},
+                save_checkpoint({**run.state_dict(best_weights=best_weights), VAL_ROWS: val_rows},
                                 Path(tmp) / fold_file(fold))
                 ray.train.report(summary, checkpoint=Checkpoint.from_directory(tmp))
         else:
@@ -268,30 +324,44 @@ def _train_fold(loop_config: dict[str, Any], group: Any) -> None:
 
 
 def make_trainer(cfg: Config, prepared: PreparedData, *, storage_path: str, name: str,
-                 callbacks: list | None = None) -> TorchTrainer:
+                 callbacks: list | None = None, best_weights: bool = True) -> TorchTrainer:
     """A TorchTrainer with one worker per fold; checkpoints under ``storage_path/name``.
 
     Reusing the same ``storage_path`` and ``name`` resumes from the latest checkpoint there
     (Ray Train restores its run state from storage).
+
+    Checkpoint volume: each round's checkpoint holds, per fold, what resuming needs
+    (``FoldRun.state_dict``): a training fold's model, optimiser and schedule; a finished fold's
+    metrics and, with ``best_weights``, its best weights and validation probabilities (the final
+    job's ensemble and calibration; a search passes False: its trials are scored on metrics and
+    final retrains). Only the latest checkpoint is kept: resume reads no other, and Ray Train
+    deletes the previous one only after the new one is complete.
     """
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_S)
     r = cfg.ray
-    resources: dict[str, float] = {"CPU": r.cpus_per_worker}
-    if r.gpus_per_worker > 0:
-        resources["GPU"] = r.gpus_per_worker
+    # read by Ray Train's controller, which this process starts with fit() (Ray Train passes the
+    # variable on): how long the worker group's placement group may wait for its resources
+    os.environ[WORKER_START_TIMEOUT_ENV] = f"{r.worker_start_timeout_s:g}"
     return TorchTrainer(
         fold_worker,
-        train_loop_config={"cfg": to_dict(cfg), "prepared": prepared},
-        # gloo: the folds never all-reduce gradients, only exchange small metric dicts
-        torch_config=TorchConfig(backend="gloo"),
+        train_loop_config={"cfg": to_dict(cfg), "prepared": prepared,
+                           "best_weights": best_weights},
+        # gloo: the folds never all-reduce gradients, only exchange small metric dicts; its
+        # timeout bounds how long a fold that stopped early waits for the others' epoch
+        torch_config=TorchConfig(backend="gloo", timeout_s=math.ceil(r.collective_timeout_s)),
         scaling_config=ScalingConfig(num_workers=prepared.n_folds, use_gpu=r.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=worker_bundle(cfg),
+                                     placement_strategy=r.placement_strategy),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
             callbacks=callbacks or [],
-            failure_config=FailureConfig(max_failures=r.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # max_failures: restarts after a lost or failed fold worker. A worker group that
+            # cannot be placed within ray.worker_start_timeout_s is a controller failure, which
+            # Ray Train retries forever by default: ray.start_retries bounds it.
+            failure_config=FailureConfig(max_failures=r.max_failures,
+                                         controller_failure_limit=r.start_retries),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
             # Ray Train logs every report (with all its metrics) and its worker-group start-up at
             # INFO, several lines per epoch; the folds print their own progress. Warnings and
             # errors still reach the console; every level stays in Ray's train log files.
@@ -304,10 +374,13 @@ def run_folds(cfg: Config, prepared: PreparedData, *, storage_path: str, name: s
               callbacks: list | None = None) -> FoldOutcome:
     """Train all folds to the end (used by the final job); returns the last metrics.
 
-    A user error a fold worker reported is raised here, as a ``UserError``.
+    A user error a fold worker reported is raised here, as a ``UserError``; folds that cannot be
+    placed on the cluster are refused before Ray Train starts (``cluster.check_placement``); a
+    run that failed for good (restarts exhausted) raises ``FoldsFailedError`` saying why.
     """
+    check_placement(cfg, prepared.n_folds, driver=False)  # this process is the driver
     trainer = make_trainer(cfg, prepared, storage_path=storage_path, name=name, callbacks=callbacks)
-    result = trainer.fit()
+    result = fit_or_explain(trainer, cfg)
     raise_user_error(result.metrics)
     ckpt = result.checkpoint
     local = None
@@ -317,6 +390,43 @@ def run_folds(cfg: Config, prepared: PreparedData, *, storage_path: str, name: s
     metrics = dict(result.metrics or {})
     weights = [metrics.get(f"fold_{i}_weights") or {} for i in range(prepared.n_folds)]
     return FoldOutcome(metrics=metrics, checkpoint_dir=local, fold_weights=weights)
+
+
+class FoldsFailedError(RuntimeError):
+    """A fold run that Ray Train gave up on, with what gave out and which setting bounds it."""
+
+
+def fit_or_explain(trainer: TorchTrainer, cfg: Config) -> Any:
+    """``trainer.fit()``; Ray Train's final failure becomes a ``FoldsFailedError`` that names
+    what ran out (``ray.max_failures``, or placement within ``ray.worker_start_timeout_s`` x
+    ``ray.start_retries``) and the cause."""
+    try:
+        return trainer.fit()
+    except TrainingFailedError as e:
+        raise FoldsFailedError(describe_failure(e, cfg)) from e
+
+
+def describe_failure(error: TrainingFailedError, cfg: Config) -> str:
+    r = cfg.ray
+    if isinstance(error, ControllerError) and isinstance(error.controller_failure,
+                                                         WorkerGroupStartupTimeoutError):
+        return (f"the fold workers {worker_bundle(cfg)} could not be placed within "
+                f"ray.worker_start_timeout_s={r.worker_start_timeout_s:g}s in "
+                f"{r.start_retries + 1} tries (ray.start_retries={r.start_retries}): the cluster "
+                "lacks free resources for them (see `ray status`); add nodes, lower "
+                "ray.cpus_per_worker/ray.gpus_per_worker or search.max_concurrent, or raise "
+                "ray.worker_start_timeout_s while an autoscaler boots nodes")
+    if isinstance(error, WorkerGroupError):
+        # the causes this code explains (they name a ray.* setting) first: trials.csv keeps the
+        # first 300 characters of a reason
+        causes = sorted({(str(x).strip().splitlines() or [type(x).__name__])[-1][:300]
+                         for x in error.worker_failures.values()},
+                        key=lambda c: ("ray." not in c, c))
+        return (f"the fold workers failed {r.max_failures + 1} time(s), more than "
+                f"ray.max_failures={r.max_failures} restarts allow: {'; '.join(causes)}")
+    cause = getattr(error, "controller_failure", error)
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+    return f"Ray Train's controller failed: {first}"
 
 
 def raise_user_error(metrics: dict[str, Any] | None) -> None:

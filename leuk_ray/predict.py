@@ -10,6 +10,7 @@ training used; ``Ensemble.preprocessing``). On CUDA the models run channels_last
 ``train.amp`` is on (``leuk_ray.engine.inference_settings``); on CPU in fp32.
 
     rows, skipped = predict_paths(load_artifact(dir), ["cells/"], tta=False, batch_size=64)
+    rows = predict_images(ensemble, names, images_uint8_nhwc)   # already decoded and resized
 """
 from __future__ import annotations
 
@@ -87,6 +88,26 @@ def _decode(paths: Sequence[str], prep: Preprocessing,
     return good, images[good], [(paths[i], errors[i]) for i in sorted(errors)]
 
 
+def predict_images(ensemble: Ensemble, names: Sequence[str], images: np.ndarray, *,
+                   tta: bool = False, batch_size: int = 64,
+                   device: str | None = None) -> list[Prediction]:
+    """One row per image of ``images``, (n, size, size, 3) uint8 RGB already decoded and resized
+    as ``ensemble.preprocessing`` says (``read_image`` / ``decode_resized``): normalised on the
+    device, each fold model's P(ALL), the calibration's per-fold temperature and mean
+    (``Ensemble.predict``), labelled by its threshold. ``predict_paths`` and ``leuk_ray.serve``
+    both predict through here."""
+    if len(names) != len(images):
+        raise ValueError(f"predict_images: {len(names)} names for {len(images)} images")
+    if not len(names):
+        return []
+    prep = ensemble.preprocessing
+    ds = CellDataset(list(names), [-1] * len(names), prep.image_size, images=images,
+                     interpolation=prep.interpolation)
+    probs, _ = ensemble.predict(ds, tta=tta, batch_size=batch_size, device=device)
+    return [Prediction(n, float(p), lab)
+            for n, p, lab in zip(names, probs, ensemble.label(probs, tta=tta))]
+
+
 def predict_paths(ensemble: Ensemble, paths: Sequence[str | Path], *, tta: bool = False,
                   batch_size: int = 64, device: str | None = None,
                   on_skip: Callable[[str, str], object] | None = None,
@@ -112,12 +133,8 @@ def predict_paths(ensemble: Ensemble, paths: Sequence[str | Path], *, tta: bool 
                 on_skip(path, why)
         skipped += bad
         if good:
-            names = [chunk[i] for i in good]
-            ds = CellDataset(names, [-1] * len(names), prep.image_size, images=images,
-                             interpolation=prep.interpolation)
-            probs, _ = ensemble.predict(ds, tta=tta, batch_size=batch_size, device=device)
-            rows += [Prediction(n, float(p), lab)
-                     for n, p, lab in zip(names, probs, ensemble.label(probs, tta=tta))]
+            rows += predict_images(ensemble, [chunk[i] for i in good], images, tta=tta,
+                                   batch_size=batch_size, device=device)
         if progress is not None:
             progress(min(start + CHUNK, len(files)), len(files))
     return rows, skipped

@@ -12,10 +12,12 @@ end), ``best_config.yaml``, ``config.yaml`` (the base config), ``space.yaml``, `
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -27,6 +29,7 @@ import optuna
 import yaml
 import ray
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -46,6 +49,7 @@ SMOKE_SPACE = "search_spaces/smoke.yaml"
 # later uploads them back, which would overwrite these with the copies from restore time.
 PRUNED_FILE = "pruned_trials.yaml"
 ASHA_STATE_FILE = "asha_state.pickle"
+SEARCHER_STATE = OptunaSearch.CKPT_FILE_TMPL.format("*")  # Tune saves the searcher there
 
 
 # ------------------------------------------------------------------------------- Optuna, pruning
@@ -92,61 +96,158 @@ def make_sampler(seed: int) -> optuna.samplers.TPESampler:
 
 
 # ------------------------------------------------------------------------ ASHA that survives resume
-class ResumableASHA(ASHAScheduler):
-    """ASHA whose rungs survive an interrupted search, and which records whom it pruned.
+def experiment_files(trial: Any) -> cluster.RunFiles:
+    """The experiment's own files where Tune has the experiment now.
 
-    Tune restores trials and the searcher on ``--resume`` but builds the scheduler afresh, so the
-    rung cutoffs earned by finished trials would be forgotten and a resumed weak trial would run to
-    the end. This scheduler pickles its state into the experiment directory after every decision
-    and reloads it on first use; ``pruned_trials.yaml`` lists the trials it stopped (trial id -> epoch).
+    Resolved at run time from the trial's storage (Tune's ``StorageContext``, which
+    ``Tuner.restore`` points at the directory it restored from), never from paths pickled when the
+    search started: a search resumed on another machine, from a copied or moved experiment
+    directory, or from s3:// writes beside its experiment, not where it first ran.
+    """
+    return cluster.RunFiles.from_fs(trial.storage.storage_filesystem,
+                                    trial.storage.experiment_fs_path)
+
+
+def _scalars(result: dict) -> dict[str, Any]:
+    return {k: v for k, v in result.items()
+            if v is None or isinstance(v, (bool, int, float, str))}
+
+
+class FollowsExperiment:
+    """Scheduler part: every trial runs where the experiment is now.
+
+    ``Tuner.restore`` re-points the restored trials at the directory it restored from, but the
+    trials the searcher proposes afterwards are made from the experiment spec saved with the
+    searcher's state, whose storage is where the search first ran: after a move (another machine,
+    a copied directory) they would write there. The first trial a scheduler sees is a restored one
+    (Tune adds those while it resumes), so its storage is the current one; later trials that point
+    elsewhere are re-pointed the way Tune re-points restored trials.
     """
 
-    def __init__(self, *args: Any, files: cluster.RunFiles, **kwargs: Any) -> None:
+    _here: Any = None  # the experiment's StorageContext now (run time only)
+
+    def _follow(self, trial: Any) -> None:
+        here, st = self._here, trial.storage
+        if here is None:
+            self._here = st
+            return
+        if (st.storage_fs_path, st.experiment_dir_name, type(st.storage_filesystem)) == (
+                here.storage_fs_path, here.experiment_dir_name, type(here.storage_filesystem)):
+            return
+        new = copy.copy(st)
+        new.storage_filesystem = here.storage_filesystem
+        new.storage_fs_path = here.storage_fs_path
+        new.experiment_dir_name = here.experiment_dir_name
+        trial.set_storage(new)
+
+
+class FollowingFIFO(FollowsExperiment, FIFOScheduler):
+    """Tune's FIFO scheduler (``search.scheduler: fifo``) whose trials follow the experiment."""
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._follow(trial)
+        super().on_trial_add(tune_controller, trial)
+
+
+class ResumableASHA(FollowsExperiment, ASHAScheduler):
+    """ASHA whose rungs survive an interrupted search, and which records whom it pruned.
+
+    Tune restores trials and the searcher on ``--resume`` but not the scheduler's state, so the
+    rung cutoffs earned by finished trials would be forgotten and a resumed weak trial would run to
+    the end. This scheduler saves its state (``asha_state.pickle``) and the trials it stopped
+    (``pruned_trials.yaml``: trial id -> epoch) into the experiment directory after every decision,
+    before the decision takes effect, and reloads them on first use. Where that directory is comes
+    from the trials at run time (``experiment_files``), so the state follows the experiment.
+
+    A trial it stopped stays stopped. Tune saves its own trial states at most every few seconds,
+    so a search interrupted just after a STOP can find that trial unfinished on resume; such a
+    trial is ended again before it is started (with the result ASHA stopped it on), and if it
+    still reports, it is told STOP at once.
+    """
+
+    # run-time bindings: never saved with the state nor taken from a saved state (which older
+    # versions wrote with the first machine's paths in _files/_state_dir)
+    _RUNTIME = ("_files", "_loaded", "_state_dir", "_here")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._files = files
-        self._state_dir = str(files.local)
+        self._files: cluster.RunFiles | None = None
         self._loaded = False
         self.pruned: dict[str, int] = {}
+        self.pruned_results: dict[str, dict[str, Any]] = {}  # trial id -> the result it stopped on
 
-    def _paths(self) -> tuple[Path, Path]:
-        d = Path(self._state_dir)
-        return d / ASHA_STATE_FILE, d / PRUNED_FILE
+    def save(self, checkpoint_path: str) -> None:
+        state = {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(state, f)
 
-    def _load(self) -> None:
-        if self._loaded:
-            return
-        state, _ = self._paths()
-        if state.exists():
-            keep = self._state_dir
-            self.restore(str(state))
-            self._state_dir = keep
-        self._loaded = True
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        for k in self._RUNTIME:
+            state.pop(k, None)
+        self.__dict__.update(state)
+
+    def _bind(self, trial: Any) -> cluster.RunFiles:
+        """On first use: find the experiment (from ``trial``) and load the state saved there."""
+        if not self._loaded or self._files is None:
+            self._files = experiment_files(trial)
+            self.__dict__.setdefault("pruned_results", {})  # a scheduler pickled by an older version
+            if self._files.pull(ASHA_STATE_FILE):
+                self.restore(str(self._files.local / ASHA_STATE_FILE))
+            self._loaded = True
+        return self._files
 
     def _save(self) -> None:
-        state, pruned = self._paths()
+        files = self._files
+        assert files is not None, "ResumableASHA saved before it saw a trial"
+        files.local.mkdir(parents=True, exist_ok=True)
+        state, pruned = files.local / ASHA_STATE_FILE, files.local / PRUNED_FILE
         tmp = state.with_suffix(".tmp")
         self.save(str(tmp))
         os.replace(tmp, state)
         tmp = pruned.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.pruned))  # JSON is YAML
         os.replace(tmp, pruned)
-        self._files.push(ASHA_STATE_FILE, PRUNED_FILE)
+        files.push(ASHA_STATE_FILE, PRUNED_FILE)  # s3://...: uploaded before the STOP is returned
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        self._load()
+        self._follow(trial)
+        self._bind(trial)
         super().on_trial_add(tune_controller, trial)
 
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        for trial in tune_controller.get_trials():
+            if trial.status in (Trial.PENDING, Trial.PAUSED) and trial.trial_id in self.pruned:
+                self._end_pruned(tune_controller, trial)
+        return super().choose_trial_to_run(tune_controller)
+
+    def _end_pruned(self, tune_controller: Any, trial: Any) -> None:
+        """A trial this scheduler had stopped, restored unfinished: end it without running it."""
+        last = self.pruned_results.get(trial.trial_id)
+        if last and int(trial.last_result.get(self._time_attr) or 0) < int(
+                last.get(self._time_attr) or 0):
+            trial.update_last_result(dict(last))  # what trials.csv and the results then show
+        print(f"[trial {trial.trial_id}] was stopped by ASHA at epoch "
+              f"{self.pruned[trial.trial_id]} before the interruption: not resumed", flush=True)
+        tune_controller.stop_trial(trial)
+
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        self._load()
+        self._bind(trial)
+        if trial.trial_id in self.pruned:  # stopped before: it does not come back
+            return self.STOP
         action = super().on_trial_result(tune_controller, trial, result)
         if action == self.STOP and not result.get("trial_finished", False):
             self.pruned[trial.trial_id] = int(result.get(self._time_attr, 0))
+            self.pruned_results[trial.trial_id] = _scalars(result)
         self._save()
         return action
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
-        self._load()
-        if trial.trial_id in self._trial_info:
+        self._bind(trial)
+        if trial.trial_id in self.pruned:  # recorded when stopped; a later result is not ranked
+            self._trial_info.pop(trial.trial_id, None)
+        elif trial.trial_id in self._trial_info:
             super().on_trial_complete(tune_controller, trial, result)
         self._save()
 
@@ -240,6 +341,7 @@ def write_trials_csv(trials: list, space_keys: list[str], path: Path,
     fields: list[str] = []
     for r in rows:
         fields += [k for k in r if k not in fields]
+    path.parent.mkdir(parents=True, exist_ok=True)  # the mirror of an s3:// experiment
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
@@ -249,22 +351,71 @@ def write_trials_csv(trials: list, space_keys: list[str], path: Path,
     return rows
 
 
-class SearchProgress(tune.Callback):
-    """Prints one line per trial epoch and keeps ``trials.csv`` current as trials end."""
+# ------------------------------------------------------------------------------ fold checkpoints
+# What a search keeps under folds/<trial id> (Ray Train's run of that trial): while a trial runs,
+# its latest checkpoint (each training fold's model, optimiser and schedule; see make_trainer).
+# A completed trial's last checkpoint holds only its folds' metrics (finished folds keep no
+# weights in a search: final retrains the best config), so it stays: a resumed search that
+# restarts a trial whose end Tune had not recorded finds it finished and trains nothing. A pruned
+# or failed trial is never resumed: its folds/<trial id> is deleted DROP_AFTER_S after it ended
+# (its fold workers are gone by then), and whatever is left when the search ends.
+DROP_AFTER_S = 30.0
+DROPPED_STATUSES = ("pruned", "failed")
 
-    def __init__(self, files: cluster.RunFiles, space_keys: list[str], max_epochs: int) -> None:
-        self.files, self.space_keys, self.max_epochs = files, space_keys, max_epochs
-        self.exp_dir = files.local
+
+def drop_fold_checkpoints(folds_uri: str, trial_id: str) -> None:
+    """Delete ``<folds_uri>/<trial_id>``, a trial's fold checkpoints (local, NFS or s3://...)."""
+    target = f"{folds_uri.rstrip('/')}/{trial_id}"
+    if not trial_id:
+        return
+    if not cluster.is_uri(target):
+        shutil.rmtree(target, ignore_errors=True)
+        return
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(target)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+class SearchProgress(tune.Callback):
+    """Prints one line per trial epoch, keeps ``trials.csv`` current as trials end, and deletes
+    the fold checkpoints of pruned and failed trials (see ``DROP_AFTER_S``)."""
+
+    def __init__(self, space_keys: list[str], max_epochs: int) -> None:
+        self.space_keys, self.max_epochs = space_keys, max_epochs
+        # where the experiment is: bound at run time from the trials (see experiment_files), as
+        # this object is pickled into the experiment and restored by Tuner.restore elsewhere
+        self.files: cluster.RunFiles | None = None
+        self.exp_dir: Path | None = None
         self.ended: dict[str, str] = {}  # trial id -> completed/failed, as Tune tells us
+        self.to_drop: dict[str, float] = {}  # pruned/failed trial id -> when it ended
+
+    def drop_ended(self, min_age_s: float = DROP_AFTER_S) -> None:
+        """Delete the fold checkpoints of the pruned/failed trials that ended min_age_s ago."""
+        now = time.time()
+        for tid, when in list(self.to_drop.items()):
+            if now - when >= min_age_s:
+                drop_fold_checkpoints(f"{self.files.uri}/folds", tid)
+                del self.to_drop[tid]
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
+        self._bind(trial)
+        if self.to_drop:
+            self.drop_ended()
         folds = " ".join(f"{result.get(f'fold_{i}_val_f1', float('nan')):.3f}"
                          for i in range(int(result.get("folds", 0))))
         print(f"[trial {trial.trial_id}] epoch {result.get('epoch')}/{self.max_epochs} "
               f"mean F1 {result.get(SCORE, float('nan')):.4f} (folds {folds})", flush=True)
 
+    def _bind(self, trial: Any) -> cluster.RunFiles:
+        self.files = experiment_files(trial)
+        self.exp_dir = self.files.local
+        return self.files
+
     def _end(self, trials: list, trial: Any, how: str) -> None:
+        self._bind(trial)
         self.ended[trial.trial_id] = how
         row = trial_row(trial, self.space_keys, how, read_pruned(self.exp_dir))
         score = row["mean_val_f1"]
@@ -274,6 +425,9 @@ class SearchProgress(tune.Callback):
               f"{text}{why}", flush=True)
         write_trials_csv(trials, self.space_keys, self.exp_dir / "trials.csv", self.ended)
         self.files.push("trials.csv")
+        if row["status"] in DROPPED_STATUSES:
+            self.to_drop[trial.trial_id] = time.time()
+        self.drop_ended()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trials, trial, "completed")
@@ -282,6 +436,9 @@ class SearchProgress(tune.Callback):
         self._end(trials, trial, "failed")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if not trials:
+            return
+        self._bind(trials[0])
         write_trials_csv(trials, self.space_keys, self.exp_dir / "trials.csv", self.ended)
         self.files.push("trials.csv")
 
@@ -374,7 +531,7 @@ def _setup(args: argparse.Namespace) -> tuple[Config, SearchSpace, cluster.RunFi
         if not files.pull("config.yaml", "space.yaml"):
             raise UserError(f"{files.uri}: no search named '{name}' to resume there "
                             "(no config.yaml)")
-        files.pull("folds.csv", "trials.csv", ASHA_STATE_FILE, PRUNED_FILE)
+        files.pull("folds.csv")  # the scheduler and trials.csv find theirs at run time
         cfg, _ = config_from_yaml_with_extras(files.local / "config.yaml")
         space = load_space(files.local / "space.yaml", cfg)
         num_samples = cfg.search.num_samples
@@ -427,10 +584,10 @@ def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def _trainable(cfg: Config, prepared: PreparedData, folds_path: str) -> Any:
     fn = tune.with_parameters(trial_fn, base=cfg, prepared=prepared, folds_path=folds_path)
-    resources: dict[str, float] = {"CPU": cfg.ray.driver_cpus}
-    if cfg.ray.driver_resource:
-        resources[cfg.ray.driver_resource] = 0.01
-    return tune.with_resources(fn, resources)
+    # Tune reserves the trial driver only (its CPU share, memory for it and the Ray Train
+    # controller beside it, ray.driver_resource); Ray Train reserves the fold workers itself when
+    # the trial starts, so the concurrency bound (cluster.max_concurrent_trials) counts them
+    return tune.with_resources(fn, cluster.driver_bundle(cfg))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -468,26 +625,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             sampler=make_sampler(cfg.search.seed))
         scheduler = (ResumableASHA(time_attr="epoch", max_t=cfg.train.epochs,
                                    grace_period=min(cfg.search.grace_period, cfg.train.epochs),
-                                   reduction_factor=cfg.search.reduction_factor, files=files)
-                     if cfg.search.scheduler == "asha" else FIFOScheduler())
+                                   reduction_factor=cfg.search.reduction_factor)
+                     if cfg.search.scheduler == "asha" else FollowingFIFO())
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(metric=SCORE, mode="max", search_alg=searcher,
                                         scheduler=scheduler, num_samples=num_samples,
                                         max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(name=name, storage_path=files.storage,
-                                      callbacks=[SearchProgress(files, space.keys,
-                                                                cfg.train.epochs)],
+                                      callbacks=[SearchProgress(space.keys, cfg.train.epochs)],
+                                      # a trial whose driver was lost (its node, an OOM kill)
+                                      # restarts and resumes its folds' checkpoints; a trial that
+                                      # failed for good fails again at once (trial.FAILED_FILE)
+                                      failure_config=tune.FailureConfig(
+                                          max_failures=cfg.ray.trial_max_failures),
                                       verbose=0),
         )
-    # a restored tuner keeps the callbacks it was created with (SearchProgress, which keeps
-    # trials.csv current); the summary and the best config come from Tune's typed results
+    # a restored tuner keeps the scheduler and callbacks it was created with (ResumableASHA,
+    # SearchProgress, which keeps trials.csv current); they find the experiment at run time. The
+    # summary and the best config come from Tune's typed results
     results = tuner.fit()
+    files.pull(PRUNED_FILE)
     pruned = read_pruned(exp_dir)
     rows = [result_row(r, space.keys, pruned) for r in results]
-    write_optuna_trials(files.uri, exp_dir / "optuna_trials.csv")
-    files.push("optuna_trials.csv")
+    if write_optuna_trials(files):
+        files.push("optuna_trials.csv")
     best = _best(rows)
+    for row in rows:  # every trial has stopped: no fold worker writes there any more
+        if row["status"] in DROPPED_STATUSES:
+            drop_fold_checkpoints(f"{files.uri}/folds", row["trial_id"])
     print(f"\n{len(rows)} trials: " + ", ".join(
         f"{sum(r['status'] == s for r in rows)} {s}" for s in ("completed", "pruned", "failed")))
     unfinished = [r for r in rows if r["status"] not in ("completed", "pruned", "failed")]
@@ -519,14 +685,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def write_optuna_trials(exp_path: str, out: Path) -> None:
-    """What Optuna learned (each trial's state: COMPLETE, PRUNED or FAIL), from the saved searcher."""
+def write_optuna_trials(files: cluster.RunFiles) -> bool:
+    """``optuna_trials.csv`` in the run's (local) files: what Optuna learned, each trial's state
+    (COMPLETE, PRUNED or FAIL), from the searcher state Tune saved in the experiment (local, NFS
+    or s3://). False when the experiment has no searcher state (no trial was ever proposed)."""
+    newest = files.newest(SEARCHER_STATE)
+    if newest is None or not files.pull(newest):
+        return False
     searcher = PruneAwareOptunaSearch()
-    try:
-        searcher.restore_from_dir(exp_path)
-    except (FileNotFoundError, RuntimeError):
-        return
-    searcher._ot_study.trials_dataframe().to_csv(out, index=False)  # noqa: SLF001
+    searcher.restore(str(files.local / newest))
+    searcher._ot_study.trials_dataframe().to_csv(files.local / "optuna_trials.csv",  # noqa: SLF001
+                                                 index=False)
+    return True
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Shared fixtures: the real C-NMC sample beside the checkout and small synthetic trees."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,10 @@ def _hash_cache_dir(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def cnmc_root() -> Path:
-    """The real 1,253-image C-NMC sample at ../shared/data/cnmc (skipped when absent)."""
+    """The real 1,253-image C-NMC sample at ../shared/data/cnmc, for tests about real images
+    (skipped when absent, or when LEUK_RAY_NO_SHARED=1 hides it to test as a fresh clone would)."""
+    if os.environ.get("LEUK_RAY_NO_SHARED") == "1":
+        pytest.skip("LEUK_RAY_NO_SHARED=1: the real C-NMC sample is hidden")
     if not (CNMC / "train").is_dir():
         pytest.skip(f"real C-NMC sample not found at {CNMC} (expected ../shared/data/cnmc beside "
                     "the checkout, with train/ and test/)")
@@ -31,6 +35,16 @@ def cnmc_root() -> Path:
 def _synth_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from leuk_ray.data.synth import make_synthetic
     return make_synthetic(tmp_path_factory.mktemp("synth_master") / "data", n=120, size=48, seed=3)
+
+
+@pytest.fixture(scope="session")
+def ray_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The data of the Ray machinery tests (search, final, faults, multi-node), made once and only
+    read: 200 synthetic PNG cells at 48 px in the seed layout, 167 train (6+6 subjects) and 33 test
+    (2+2 subjects), so those tests run on a fresh clone without ../shared."""
+    from leuk_ray.data.synth import make_synthetic
+    return make_synthetic(tmp_path_factory.mktemp("ray_data") / "data", n=200, size=48, seed=5,
+                          ext=".png")
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -24,3 +25,26 @@ def csv_rows(path: Path) -> list[dict[str, str]]:
 def fold_checkpoints(exp: Path) -> dict[str, set[str]]:
     """trial id -> its fold checkpoint dirs: a trial trained again would add new ones."""
     return {d.name: {c.name for c in d.glob("checkpoint_*")} for d in (exp / "folds").glob("*")}
+
+
+def session_pids(session: int, pattern: str) -> list[int]:
+    """The processes of session ``session`` whose command line contains ``pattern``.
+
+    A command a test starts with ``start_new_session=True`` heads a session whose id is its pid;
+    the local Ray it starts (GCS, raylet, and the workers the raylet spawns, named ``ray::<Actor>``)
+    stays in that session, also after the driver dies. So this finds the processes of the test's
+    own Ray and never those of another Ray on the same host.
+    """
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(d.name)) != session:
+                continue
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or not ours to inspect
+            continue
+        if pattern in cmd:
+            out.append(int(d.name))
+    return out

@@ -1,6 +1,7 @@
 """Engine: training, non-finite guard, checkpoints, resume, determinism, AMP, metrics, CLI."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -295,6 +296,64 @@ def test_on_epoch_callback_gets_metrics_and_run(tmp_path):
 
     fit_fold(tiny_cfg(epochs=2), ds, ds, on_epoch=on_epoch, log=quiet)
     assert seen == [1, 2] and load_checkpoint(tmp_path / "state.pt")["done"] is True
+
+
+def _nbytes(obj: object) -> int:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.tell()
+
+
+def _saved(state: dict) -> dict:
+    """``state`` as a checkpoint file holds it (the optimiser's tensors are the live ones)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_checkpoint_holds_what_resume_needs_and_no_more():
+    """Issue 14.10: every epoch, every fold saved its model, a second copy of the best weights,
+    the optimiser and the probabilities, also after it had finished (~4 copies of the weights).
+    Now: a training fold keeps one copy of the weights (the best ones are the model's while the
+    last epoch is the best) plus the optimiser; a finished fold keeps its best weights and
+    probabilities only, or (a search) its metrics only. Resume stays exact from every epoch."""
+    ds, val = Cells(24, seed=1), Cells(16, seed=2)
+    cfg = tiny_cfg(epochs=3)
+    full = fit_fold(cfg, ds, val, log=quiet)
+    run = FoldRun(cfg, ds, val, log=quiet)
+    weights = _nbytes(run.model.state_dict())
+    states = []
+    while not run.done:
+        run.step()
+        states.append(_saved(run.state_dict()))
+    optimizer = _nbytes(run.optimizer.state_dict())
+    for e, st in enumerate(states[:-1], 1):
+        assert "model" in st and "optimizer" in st and not st["done"]
+        # one copy of the weights: the best epoch's are stored only when they are not the model's
+        assert st["best_is_model"] == (st["best_epoch"] == e)
+        assert (st["best_state"] is None) == st["best_is_model"]
+        if st["best_is_model"]:
+            assert _nbytes(st) < weights + optimizer + weights / 4
+        resumed = fit_fold(cfg, ds, val, state=st, log=quiet)  # exact from every epoch
+        assert strip_time(resumed.history) == strip_time(full.history)
+        assert_same_weights(resumed.best_state, full.best_state)
+        np.testing.assert_array_equal(resumed.oof_probs, full.oof_probs)
+    done = states[-1]
+    assert done["done"] and not {"model", "optimizer", "scheduler", "scaler"} & done.keys()
+    assert_same_weights(done["best_state"], full.best_state)
+    assert _nbytes(done) < weights * 1.25
+    again = FoldRun(cfg, ds, val, state=done, log=quiet)  # a finished fold: nothing to train
+    assert again.done and strip_time(again.history) == strip_time(full.history)
+    assert_same_weights(again.result().best_state, full.best_state)
+    np.testing.assert_array_equal(again.result().oof_probs, full.oof_probs)
+    metrics_only = run.state_dict(best_weights=False)  # what a search trial's finished fold keeps
+    assert metrics_only["best_state"] is None and metrics_only["best_probs"] is None
+    assert _nbytes(metrics_only) < weights / 10
+    assert FoldRun(cfg, ds, val, state=metrics_only, log=quiet).best_metrics == full.best_metrics
+    unfinished = {k: v for k, v in states[0].items() if k != "model"}
+    with pytest.raises(UserError, match="unfinished run holds no model weights"):
+        FoldRun(cfg, ds, val, state=unfinished, log=quiet)
 
 
 # ------------------------------------------------------------------------------ mixed precision

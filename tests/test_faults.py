@@ -1,7 +1,9 @@
 """Fault tolerance, proven on a real local Ray: killed workers, killed drivers, exploding learning
 rates, a killed final job, unwritable storage.
 
-Slow: each test starts Ray. Processes are killed for real (SIGKILL), nothing is mocked.
+Slow: each test starts Ray. Processes are killed for real (SIGKILL), nothing is mocked, and only
+those of the Ray the test started (found by session, see ``session_pids``). Machinery tests: they
+run on the synthetic ``ray_data`` tree, so a fresh clone without ../shared runs them too.
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from search_helpers import csv_rows, fold_checkpoints, search_cmd
+from search_helpers import csv_rows, fold_checkpoints, search_cmd, session_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -37,20 +40,6 @@ def _space(tmp_path: Path, *points: str) -> Path:
 
 def _search(data: Path, storage: Path, name: str, space: Path, *extra: str) -> list[str]:
     return search_cmd(data, storage, name, space, "--set", "search.scheduler=none", *extra)
-
-
-def _pids(pattern: str) -> list[int]:
-    """Processes whose command line contains ``pattern`` (Ray names its workers ray::<Actor>)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if pattern in cmd:
-                out.append(int(d.name))
-    return out
 
 
 def _wait(cond, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):
@@ -75,20 +64,31 @@ def _reported_epochs(exp: Path) -> dict[str, list[int]]:
     return out
 
 
-def _wait_gone(pattern: str, timeout: float = 60) -> None:
+def _seen(seen: set[str], dirs) -> set[str]:
+    """``seen`` plus the checkpoint dir names in ``dirs`` (one per reported epoch): Ray Train
+    keeps only the latest (``CheckpointConfig(num_to_keep=1)``), so they are counted as they
+    appear."""
+    for names in dirs:
+        seen.update(names)
+    return seen
+
+
+def _wait_gone(session: int, pattern: str, timeout: float = 60) -> None:
+    """Wait until session ``session`` (a command started with start_new_session=True) has no
+    process whose command line contains ``pattern``."""
     deadline = time.time() + timeout
-    while _pids(pattern) and time.time() < deadline:
+    while session_pids(session, pattern) and time.time() < deadline:
         time.sleep(0.5)
 
 
 @pytest.mark.slow
-def test_killed_fold_worker_resumes_from_its_checkpoint(cnmc_root, tmp_path):
+def test_killed_fold_worker_resumes_from_its_checkpoint(ray_data, tmp_path):
     """SIGKILL one fold worker mid-run: Ray Train restarts the worker group, each fold resumes
     after its last checkpointed epoch, and the trial finishes with every epoch reported once."""
     storage, log = tmp_path / "results", tmp_path / "search.log"
     exp = storage / "w"
     # 12 epochs: enough left after the second for the kill to land mid-run (an epoch is ~1 s)
-    cmd = _search(cnmc_root, storage, "w", _space(tmp_path, GOOD), "--num-samples", "1",
+    cmd = _search(ray_data, storage, "w", _space(tmp_path, GOOD), "--num-samples", "1",
                   "--set", "data.max_images=400", "--set", "train.epochs=12")
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT,
@@ -97,10 +97,10 @@ def test_killed_fold_worker_resumes_from_its_checkpoint(cnmc_root, tmp_path):
             # two epochs checkpointed, so the kill lands in a later epoch. Watched through Ray
             # Train's checkpoint dirs (written as each epoch is reported), not Tune's result.json,
             # which is flushed late: at ~1 s an epoch, the run could be over by then.
-            _wait(lambda: sum(len(v) for v in fold_checkpoints(exp).values()) >= 2, 400, proc,
-                  log)
-            workers = _pids("RayTrainWorker")
-            assert workers, "no Ray Train worker process found"
+            seen: set[str] = set()
+            _wait(lambda: len(_seen(seen, fold_checkpoints(exp).values())) >= 2, 400, proc, log)
+            workers = session_pids(proc.pid, "RayTrainWorker")  # of this search's Ray only
+            assert workers, "no Ray Train worker process found in the search's session"
             os.kill(workers[0], signal.SIGKILL)
             proc.wait(timeout=600)
         finally:
@@ -120,17 +120,18 @@ def test_killed_fold_worker_resumes_from_its_checkpoint(cnmc_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes_and_exploding_trial_is_pruned(cnmc_root, tmp_path):
+def test_killed_driver_resumes_and_exploding_trial_is_pruned(ray_data, tmp_path):
     """SIGKILL the search driver after its first trial finished; --resume runs the rest. The
     second trial's learning rate makes the weights diverge: it ends pruned with the reason, and
     the best config is the first trial's."""
     storage, log = tmp_path / "results", tmp_path / "first.log"
     exp = storage / "d"
     space = _space(tmp_path, GOOD, "{train.lr: 10.0, train.weight_decay: 1.0}")
-    cmd = _search(cnmc_root, storage, "d", space, "--num-samples", "2",
+    cmd = _search(ray_data, storage, "d", space, "--num-samples", "2",
                   "--set", "data.max_images=160", "--set", "train.scheduler=none")
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT,
+                                start_new_session=True)
         try:
             _wait(lambda: any(r["status"] == "completed" for r in csv_rows(exp / "trials.csv")),
                   400, proc, log)
@@ -142,7 +143,7 @@ def test_killed_driver_resumes_and_exploding_trial_is_pruned(cnmc_root, tmp_path
         finally:
             if proc.poll() is None:
                 proc.kill()
-    _wait_gone("RayTrainWorker")  # Ray's reaper takes the orphaned cluster down
+    _wait_gone(proc.pid, "RayTrainWorker")  # Ray's reaper takes the orphaned cluster down
     first = {r["trial_id"]: r for r in csv_rows(exp / "trials.csv") if r["status"] == "completed"}
     before = fold_checkpoints(exp)
 
@@ -167,7 +168,7 @@ def test_killed_driver_resumes_and_exploding_trial_is_pruned(cnmc_root, tmp_path
 
 
 @pytest.mark.slow
-def test_finished_fold_run_restarted_trains_nothing_and_keeps_its_checkpoints(cnmc_root, tmp_path):
+def test_finished_fold_run_restarted_trains_nothing_and_keeps_its_checkpoints(ray_data, tmp_path):
     """The deterministic core of "finished trials are not rerun": a fold run started again under
     the same name after it finished (what a resumed search does with a trial whose end Tune had
     not yet recorded) trains no epoch, writes no checkpoint, and returns the same metrics."""
@@ -178,7 +179,7 @@ def test_finished_fold_run_restarted_trains_nothing_and_keeps_its_checkpoints(cn
     from leuk_ray.data import prepare_data
     from leuk_ray.fold_trainer import run_folds
 
-    cfg = load_config(smoke=True, overrides=[f"data.root={cnmc_root}", "data.max_images=120",
+    cfg = load_config(smoke=True, overrides=[f"data.root={ray_data}", "data.max_images=120",
                                              "train.epochs=2", "train.scheduler=none"])
     prepared = prepare_data(cfg.data)
     # ray.init() sets RAY_AUTH_MODE=token in this process's environment (and connect() turns Ray
@@ -202,29 +203,37 @@ def test_finished_fold_run_restarted_trains_nothing_and_keeps_its_checkpoints(cn
     assert "TrainController" in started and "PreemptionWatcher" not in started, started
     assert first.metrics["trial_finished"] and first.metrics["epoch"] == 2
     assert {c.name for c in (tmp_path / "f").glob("checkpoint_*")} == before
+    # issue 14.10: a finished fold keeps in the latest checkpoint its best weights and validation
+    # probabilities (what final needs), no model or optimiser to train on
+    for fold in (0, 1):
+        state = torch.load(first.checkpoint_dir / f"fold_{fold}.pt", weights_only=True)
+        assert state["done"] and not {"model", "optimizer"} & state.keys()
+        assert state["best_state"] and len(state["best_probs"]) == len(state["val_rows"]["path"])
     assert again.checkpoint_dir is not None and again.checkpoint_dir.name in before
     for key in ("mean_val_f1", "epoch", "fold_0_val_f1", "fold_1_val_f1", "trial_finished"):
         assert again.metrics[key] == first.metrics[key], key
 
 
 @pytest.mark.slow
-def test_killed_final_leaves_no_artifact_and_rerun_completes(cnmc_root, tmp_path):
+def test_killed_final_leaves_no_artifact_and_rerun_completes(ray_data, tmp_path):
     art, log = tmp_path / "artifact", tmp_path / "final.log"
     runs = tmp_path / ".artifact.runs"
-    cmd = [sys.executable, "-m", "leuk_ray.final", "--smoke-test", "--data", str(cnmc_root),
+    cmd = [sys.executable, "-m", "leuk_ray.final", "--smoke-test", "--data", str(ray_data),
            "--out", str(art), "--set", "data.max_images=400", "--set", "train.epochs=12",
            "--no-tta", "--num-cpus", "2"]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT,
                                 start_new_session=True)
         try:
-            _wait(lambda: len(list(runs.glob("final-*/checkpoint_*"))) >= 2, 400, proc, log)
+            seen: set[str] = set()
+            _wait(lambda: len(_seen(seen, [{c.name for c in runs.glob("final-*/checkpoint_*")}]))
+                  >= 2, 400, proc, log)
             os.killpg(proc.pid, signal.SIGKILL)  # the whole job: driver, Ray and its workers
             proc.wait(timeout=60)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-    _wait_gone("RayTrainWorker")
+    _wait_gone(proc.pid, "RayTrainWorker")
     assert not art.exists()  # nothing that looks like an artifact
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
@@ -247,3 +256,22 @@ def test_bad_storage_fails_before_any_training(synth_root, tmp_path, case):
     assert len(lines) == 1 and str(storage) in lines[0], r.stderr
     assert ("cannot write there" if case == "unwritable" else "MiB free") in lines[0]
     assert "Started a local Ray" not in r.stdout + r.stderr  # refused before Ray or training
+
+
+def test_session_pids_finds_only_the_processes_of_the_given_session(tmp_path):
+    """Issue 14: a fault test kills a Ray Train worker of the Ray it started, never one that merely
+    has the same name elsewhere on the host (another test run, another user's Ray)."""
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)", "ray::RayTrainWorker.decoy"]
+    outside = subprocess.Popen(sleep)  # same name, in pytest's own session: not the test's Ray
+    inside = subprocess.Popen(sleep, start_new_session=True)
+    try:
+        deadline = time.time() + 10  # until both have exec'd (cmdline filled)
+        while not session_pids(inside.pid, "RayTrainWorker") and time.time() < deadline:
+            time.sleep(0.05)
+        assert session_pids(inside.pid, "RayTrainWorker") == [inside.pid]
+        assert outside.pid not in session_pids(inside.pid, "")
+        assert session_pids(inside.pid, "no such process name") == []
+    finally:
+        for p in (outside, inside):
+            p.kill()
+            p.wait()

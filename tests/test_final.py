@@ -1,6 +1,7 @@
-"""The final job end to end on the real sample: artifact, calibration on OOF only, predict agrees.
+"""The final job end to end: artifact, calibration on OOF only, predict agrees.
 
-Slow: starts a local Ray and trains the folds with a TorchTrainer.
+Slow: starts a local Ray and trains the folds with a TorchTrainer. Machinery: runs on the synthetic
+``ray_data`` tree (PNG, seed layout), so a fresh clone without ../shared runs it too.
 """
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_final_smoke_on_real_sample_then_predict_reproduces_metrics(cnmc_root, tmp_path):
+def test_final_smoke_then_predict_reproduces_metrics(ray_data, tmp_path):
     art = tmp_path / "artifact"
     r = subprocess.run([sys.executable, "-m", "leuk_ray.final", "--smoke-test", "--data",
-                        str(cnmc_root), "--out", str(art), "--set", "data.max_images=160",
+                        str(ray_data), "--out", str(art), "--set", "data.max_images=160",
                         "--num-cpus", "2"], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"artifact: {art}" in r.stdout
@@ -40,7 +41,9 @@ def test_final_smoke_on_real_sample_then_predict_reproduces_metrics(cnmc_root, t
     assert not list(tmp_path.glob(".artifact.partial-*"))
     metrics = json.loads((art / "metrics.json").read_text())
     test = metrics["test"]
-    assert test["n"] == 53 and len(test["folds"]) == 2 and "ensemble_tta" in test
+    test_paths = {str(p) for p in (ray_data / "test").rglob("*.png")}
+    n_test = len(test_paths)  # 33
+    assert test["n"] == n_test and len(test["folds"]) == 2 and "ensemble_tta" in test
     for key in ("f1", "accuracy", "auc", "sensitivity", "specificity", "ece",
                 "per_subject_accuracy", "precision_all", "recall_hem"):
         assert key in test["ensemble"]
@@ -48,7 +51,6 @@ def test_final_smoke_on_real_sample_then_predict_reproduces_metrics(cnmc_root, t
     # temperature and threshold come from the out-of-fold predictions alone
     with (art / "oof.csv").open() as f:
         oof = list(csv.DictReader(f))
-    test_paths = {str(p) for p in (cnmc_root / "test").rglob("*.png")}
     assert not test_paths & {row["path"] for row in oof}
     y_oof = np.array([int(x["label"]) for x in oof])
     fold_oof = np.array([int(x["fold"]) for x in oof])
@@ -62,17 +64,17 @@ def test_final_smoke_on_real_sample_then_predict_reproduces_metrics(cnmc_root, t
     report = (art / "report" / "report.md").read_text()
     assert report.startswith("# SMOKE TEST MODEL") and "## Model" in report
     assert "95% CI (bootstrap over" in report and "out-of-fold (one model per image)" in report
-    assert test["ci"]["ensemble"]["n_images"] == 53
+    assert test["ci"]["ensemble"]["n_images"] == n_test
 
     # predict on the sample's test/ reproduces the ensemble numbers of metrics.json
     preds = tmp_path / "preds.csv"
     p = subprocess.run([sys.executable, "-m", "leuk_ray.predict", "--model", str(art), "--out",
-                        str(preds), str(cnmc_root / "test")], capture_output=True, text=True,
+                        str(preds), str(ray_data / "test")], capture_output=True, text=True,
                        cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     with preds.open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 53
+    assert len(rows) == n_test
     y = np.array([1 if Path(x["path"]).parent.name == "all" else 0 for x in rows])
     prob = np.array([float(x["prob_all"]) for x in rows])
     subjects = [Path(x["path"]).name.split("_")[1] for x in rows]
@@ -83,7 +85,7 @@ def test_final_smoke_on_real_sample_then_predict_reproduces_metrics(cnmc_root, t
                for x in rows)
     # and with --tta, the ensemble + TTA numbers, by the threshold fitted on TTA outputs
     t = subprocess.run([sys.executable, "-m", "leuk_ray.predict", "--model", str(art), "--tta",
-                        "--out", str(preds), str(cnmc_root / "test")], capture_output=True,
+                        "--out", str(preds), str(ray_data / "test")], capture_output=True,
                        text=True, cwd=ROOT, timeout=600)
     assert t.returncode == 0, t.stderr[-2000:]
     with preds.open() as f:
@@ -98,11 +100,11 @@ def test_final_smoke_on_real_sample_then_predict_reproduces_metrics(cnmc_root, t
 
 
 @pytest.mark.slow
-def test_final_preset_compared_with_a_search_on_the_same_folds(cnmc_root, tmp_path):
+def test_final_preset_compared_with_a_search_on_the_same_folds(ray_data, tmp_path):
     from leuk_ray.config import load_config, save_config
 
     search = tmp_path / "search"
-    best = load_config(None, [f"data.root={cnmc_root}", "data.max_images=120", "train.epochs=2",
+    best = load_config(None, [f"data.root={ray_data}", "data.max_images=120", "train.epochs=2",
                               "train.lr=0.003"], smoke=True)
     save_config(best, search / "best_config.yaml", extra={"cv_score": 0.5, "trial_id": "t0"})
     out = tmp_path / "cmp"
@@ -266,3 +268,58 @@ def test_final_completes_with_a_corrupt_png_in_the_data(synth_root, tmp_path):
     assert manifest["model"]["train_images"] == n_train
     assert len(manifest["calibration"]["plain"]["temperatures"]) == 2
 
+
+
+@pytest.mark.slow
+def test_final_scores_the_folds_in_ray_tasks_with_the_fold_workers_resources(ray_data):
+    """Issue 14.9: the test-set evaluation (k models x 8 TTA views) and the out-of-fold TTA pass
+    ran in the final job's driver (on a cluster: a CPU head node). Now one Ray task per fold, with
+    a fold worker's resources, scores them with the artifact's model and predict's inference path;
+    the driver gets the probabilities back, the same as Ensemble.predict gives in process."""
+    import os
+
+    import ray
+    import torch
+    from ray.util.state import list_tasks
+
+    from leuk_ray.artifact import build_ensemble
+    from leuk_ray.cluster import PREEMPTION_WATCHER_ENV, connect
+    from leuk_ray.config import load_config
+    from leuk_ray.data import prepare_data
+    from leuk_ray.final import OutOfFold, _eval_dataset, _labelled_test, _rows, score_folds
+    from leuk_ray.model import create_model
+
+    cfg = load_config(None, [f"data.root={ray_data}", "ray.cpus_per_worker=0.5"], smoke=True)
+    prepared = prepare_data(cfg.data)
+    torch.manual_seed(0)
+    states = [{"best_state": create_model(cfg.model).state_dict()} for _ in range(2)]
+    tr = prepared.train
+    oof = OutOfFold(path=tr["path"].to_numpy(object), label=tr["label"].to_numpy(np.int64),
+                    subject=tr["subject"].to_numpy(object), fold=tr["fold"].to_numpy(np.int64),
+                    prob_all=np.zeros(len(tr)))
+    test = _labelled_test(prepared)
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", PREEMPTION_WATCHER_ENV)}
+    connect(num_cpus=2)
+    try:
+        scores = score_folds(cfg, states, oof, test)
+        tasks = list_tasks(filters=[("name", "=", "leuk_ray.final.score_fold")], detail=True)
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert [s.fold for s in scores] == [0, 1] and {s.device for s in scores} == {"cpu"}
+    assert len(tasks) == 2 and all(t.required_resources == {"CPU": 0.5} for t in tasks), tasks
+    ens = build_ensemble(cfg, [s["best_state"] for s in states])  # what predict loads
+    ds = _eval_dataset(test, ens.preprocessing)
+    for tta, key in ((False, "test"), (True, "test_tta")):
+        _, per_fold = ens.predict(ds, tta=tta, batch_size=cfg.train.batch_size)
+        np.testing.assert_allclose(np.stack([getattr(s, key) for s in scores]), per_fold,
+                                   atol=1e-5)
+    for s in scores:
+        m = oof.fold == s.fold
+        rows = _eval_dataset(_rows(oof.path[m], oof.label[m], oof.subject[m]), ens.preprocessing)
+        _, per_fold = ens.predict(rows, tta=True, batch_size=cfg.train.batch_size)
+        np.testing.assert_allclose(s.oof_tta, per_fold[s.fold], atol=1e-5)

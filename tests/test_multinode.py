@@ -2,7 +2,7 @@
 machine (fractional CPUs), a search joining through --address, fold workers on different nodes,
 and storage that every node must share.
 
-Slow: starts a three-node Ray cluster.
+Slow: starts a three-node Ray cluster. Machinery: runs on the synthetic ``ray_data`` tree.
 """
 from __future__ import annotations
 
@@ -45,18 +45,18 @@ def _search(data: Path, storage: Path, name: str, address: str, *extra: str):
 
 
 @pytest.mark.slow
-def test_search_on_three_nodes_spreads_folds_and_needs_shared_storage(three_nodes, cnmc_root,
+def test_search_on_three_nodes_spreads_folds_and_needs_shared_storage(three_nodes, ray_data,
                                                                       tmp_path):
     address = three_nodes.address
     # a plain local directory is node-local on a real cluster: refused before any training
-    r = _search(cnmc_root, tmp_path / "local", "s", address)
+    r = _search(ray_data, tmp_path / "local", "s", address)
     assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
     assert "node-local path" in r.stderr and "s3://" in r.stderr
     assert not (tmp_path / "local" / "s").exists()
 
     # declared shared (as an NFS mount would be): every node sees it, the search runs
     storage = tmp_path / "shared"
-    r = _search(cnmc_root, storage, "s", address, "--set", "ray.shared_storage=true")
+    r = _search(ray_data, storage, "s", address, "--set", "ray.shared_storage=true")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     (trial,) = (storage / "s").glob("trial_fn_*")
     last = json.loads((trial / "result.json").read_text().splitlines()[-1])

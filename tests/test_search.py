@@ -1,7 +1,8 @@
 """The search end to end on a real local Ray, real Optuna and real timm (no mocks).
 
 Slow: each search starts Ray and a TorchTrainer per trial. Trials run one at a time here so the
-ASHA decisions are reproducible (CPU training is deterministic).
+ASHA decisions are reproducible (CPU training is deterministic). The searches are machinery: they
+run on the synthetic ``ray_data`` tree, so a fresh clone without ../shared runs them too.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from search_helpers import csv_rows, fold_checkpoints, search_cmd
 
@@ -41,14 +43,14 @@ def _ended(path: Path) -> int:
 
 
 @pytest.mark.slow
-def test_search_prunes_resumes_and_writes_results(cnmc_root, tmp_path):
+def test_search_prunes_resumes_and_writes_results(ray_data, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
     storage = tmp_path / "results"
     exp = storage / "s1"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen(_cmd(cnmc_root, storage, "s1", space, "--num-samples", "3"),
+    proc = subprocess.Popen(_cmd(ray_data, storage, "s1", space, "--num-samples", "3"),
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                             start_new_session=True)
     deadline = time.time() + 400
@@ -63,20 +65,35 @@ def test_search_prunes_resumes_and_writes_results(cnmc_root, tmp_path):
     lines_before = fold_checkpoints(exp)
 
     # a search whose name exists is refused without --resume
-    again = subprocess.run(_cmd(cnmc_root, storage, "s1", space), capture_output=True, text=True,
+    again = subprocess.run(_cmd(ray_data, storage, "s1", space), capture_output=True, text=True,
                            cwd=ROOT, timeout=300)
     assert again.returncode == 2 and "--resume" in again.stderr
 
-    r = subprocess.run(_cmd(cnmc_root, storage, "s1", space, "--resume"), capture_output=True,
+    r = subprocess.run(_cmd(ray_data, storage, "s1", space, "--resume"), capture_output=True,
                        text=True, cwd=ROOT, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     rows = csv_rows(exp / "trials.csv")
     # exactly --num-samples trials, none repeated, finished ones kept as they were
     assert len(rows) == 3 and len({row["trial_id"] for row in rows}) == 3
+    checkpoints = fold_checkpoints(exp)
     for tid, row in ended_before.items():
         now = next(x for x in rows if x["trial_id"] == tid)
         assert now["mean_val_f1"] == row["mean_val_f1"] and now["status"] == row["status"]
-        assert fold_checkpoints(exp)[tid] == lines_before[tid]  # not rerun
+        if row["status"] == "completed":
+            assert checkpoints[tid] == lines_before[tid]  # not rerun
+    # issue 14.10: what the search keeps of its trials' fold checkpoints once they ended: a
+    # completed trial one checkpoint of metrics (no weights: final retrains), a pruned one nothing
+    for row in rows:
+        if row["status"] == "pruned":
+            assert row["trial_id"] not in checkpoints, row
+        else:
+            kept = max(checkpoints[row["trial_id"]])  # the latest (names are timestamps)
+            for fold in (0, 1):
+                state = torch.load(exp / "folds" / row["trial_id"] / kept / f"fold_{fold}.pt",
+                                   weights_only=True)
+                assert state["done"] and state["best_metrics"]["f1"] == pytest.approx(
+                    float(row[f"fold_{fold}_val_f1"]))
+                assert state.get("model") is None and state["best_state"] is None
     # every trial has a score per fold; the tiny learning rate was pruned by ASHA
     for row in rows:
         assert row["status"] in ("completed", "pruned"), row
@@ -112,6 +129,30 @@ def test_search_prunes_resumes_and_writes_results(cnmc_root, tmp_path):
 
 
 # ------------------------------------------------------------------ fast checks (no Ray started)
+def test_fold_checkpoints_of_pruned_and_failed_trials_are_dropped_after_they_ended(tmp_path):
+    """Issue 14.10: folds/<trial> was never cleaned. A pruned or failed trial's fold checkpoints
+    go once its workers are surely gone (DROP_AFTER_S after it ended); a completed trial's stay
+    (a resumed search must find it finished), as do those of trials still running."""
+    from leuk_ray.cluster import RunFiles
+    from leuk_ray.search import DROP_AFTER_S, SearchProgress, drop_fold_checkpoints
+
+    files = RunFiles(str(tmp_path), "s")
+    for tid in ("old", "new", "done", "running"):
+        (tmp_path / "s" / "folds" / tid / "checkpoint_000001").mkdir(parents=True)
+        (tmp_path / "s" / "folds" / tid / "checkpoint_000001" / "fold_0.pt").write_bytes(b"x")
+    progress = SearchProgress([], 2)
+    progress.files = files  # bound from the trials' storage in a search
+    progress.to_drop = {"old": time.time() - DROP_AFTER_S - 1, "new": time.time()}
+    progress.drop_ended()
+    assert sorted(fold_checkpoints(tmp_path / "s")) == ["done", "new", "running"]
+    assert progress.to_drop.keys() == {"new"}
+    progress.drop_ended(0)  # when the search ends
+    assert sorted(fold_checkpoints(tmp_path / "s")) == ["done", "running"]
+    drop_fold_checkpoints(f"file://{tmp_path}/s/folds", "running")  # a URI: through pyarrow
+    drop_fold_checkpoints(f"{tmp_path}/s/folds", "gone")  # nothing there: nothing to do
+    assert sorted(fold_checkpoints(tmp_path / "s")) == ["done"]
+
+
 def test_sampler_sets_constant_liar_explicitly():
     """Issue 14.11: parallel trials must not depend on Optuna's default (changed in Optuna 5)."""
     from leuk_ray.search import make_sampler
@@ -178,3 +219,51 @@ def test_search_with_a_boolean_choice_writes_a_typed_best_config(synth_root, tmp
     rows = csv_rows(storage / "b1" / "trials.csv")
     assert [row["status"] for row in rows] == ["completed"] and best["trial_id"] == rows[0]["trial_id"]
     assert "train.amp=True" in r.stdout
+
+
+@pytest.mark.slow
+def test_search_on_a_uri_resumes_after_the_experiment_moved(ray_data, tmp_path):
+    """Issue 14.1/14.2: storage given as a URI (file://, the code path of s3://: a local mirror,
+    uploads through pyarrow) and a resume from another location. The interrupted experiment is
+    moved; the resumed search keeps its ASHA rungs, writes trials.csv, optuna_trials.csv and
+    best_config.yaml beside the moved experiment, and nothing where it first ran."""
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    first, moved = tmp_path / "a", tmp_path / "b"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(search_cmd(ray_data, f"file://{first}", "m1", space,
+                                       "--set", "data.max_images=160", "--num-samples", "3"),
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                            start_new_session=True)
+    deadline = time.time() + 400
+    while _ended(first / "m1" / "trials.csv") < 1 and proc.poll() is None and time.time() < deadline:
+        time.sleep(1)
+    assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    assert (first / "m1" / "config.yaml").is_file()  # pushed through the URI
+    ended_before = {x["trial_id"]: x for x in csv_rows(first / "m1" / "trials.csv")
+                    if x["status"] in ("completed", "pruned")}
+    assert ended_before
+
+    moved.mkdir()
+    os.replace(first / "m1", moved / "m1")
+    r = subprocess.run(search_cmd(ray_data, f"file://{moved}", "m1", space,
+                                  "--set", "data.max_images=160", "--resume"),
+                       capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    exp = moved / "m1"
+    rows = csv_rows(exp / "trials.csv")
+    assert len(rows) == 3 and {x["status"] for x in rows} <= {"completed", "pruned"}, rows
+    for tid, row in ended_before.items():
+        assert next(x for x in rows if x["trial_id"] == tid)["status"] == row["status"]
+    tiny = next(x for x in rows if float(x["train.lr"]) < 1e-6)
+    assert tiny["status"] == "pruned" and "ASHA" in tiny["reason"]
+    ot = csv_rows(exp / "optuna_trials.csv")  # issue 14.2: written through the URI too
+    states = {round(float(o["params_train/lr"]), 12): o["state"] for o in ot}
+    for row in rows:
+        assert states[round(float(row["train.lr"]), 12)] == \
+            ("COMPLETE" if row["status"] == "completed" else "PRUNED")
+    assert yaml.safe_load((exp / "best_config.yaml").read_text())["search"] == f"file://{exp}"
+    assert not (first / "m1").exists()  # nothing written where the search first ran

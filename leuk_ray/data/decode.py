@@ -138,10 +138,23 @@ def read_image(path: str | Path, size: int | None = None,
     except OSError as e:
         raise ImageDecodeError(f"{p}: cannot read image file ({e.strerror or e}); "
                                "remove or replace it") from None
-    img, reason = decode_bytes(data)
+    img, reason = decode_resized(data, size, interpolation)
     if img is None:
         raise ImageDecodeError(f"{p}: cannot decode image ({reason}); remove or replace the file")
+    return img
+
+
+def decode_resized(data: np.ndarray, size: int | None = None,
+                   interpolation: str = DEFAULT_INTERPOLATION
+                   ) -> tuple[np.ndarray | None, str | None]:
+    """(RGB uint8 image, None) from a file's bytes (``read_bytes``, or an upload's bytes as a uint8
+    array), resized to ``size`` x ``size`` with ``interpolation`` if given; or (None, why it is
+    unusable). What ``read_image`` does after reading the file: predict and serve both decode here.
+    """
     flag = cv2_interpolation(interpolation)
+    img, reason = decode_bytes(data)
+    if img is None:
+        return None, reason
     if size is not None and img.shape[:2] != (size, size):
         img = cv2.resize(img, (size, size), interpolation=flag)
-    return np.ascontiguousarray(img)
+    return np.ascontiguousarray(img), None
