@@ -110,7 +110,7 @@ def main() -> None:
     results = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": a.port})
-        print(f"| max_batch | clients x images/request | serve img/s | serve / predict |")
+        print("| max_batch | clients x images/request | serve img/s | serve / predict |")
         print("|---|---|---|---|")
         for mb in (int(x) for x in a.max_batch.split(",")):
             serve.run(build_app({"model": str(art), "max_batch": mb, "cpus_per_replica": a.cpus,

@@ -299,6 +299,8 @@ def check_storage(storage: str, *, min_free: int | None = None) -> None:
 
         try:
             fs, root = pafs.FileSystem.from_uri(storage)
+            if isinstance(fs, pafs.LocalFileSystem):  # file://: a new folder, as for a path
+                fs.create_dir(root, recursive=True)
             probe = f"{root.rstrip('/')}/.leuk_ray_probe_{uuid.uuid4().hex}"
             with fs.open_output_stream(probe) as f:
                 f.write(b"ok")

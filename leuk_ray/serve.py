@@ -32,6 +32,7 @@ command line) and again by every replica as it loads the artifact.
 import argparse
 import asyncio
 import hashlib
+import signal
 import socket
 import sys
 import time
@@ -375,6 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"serving {sc.model} ({sc.replicas} replica(s), ready in "
           f"{time.perf_counter() - t0:.0f} s) on http://{args.host}:{args.port}: POST /predict "
           f"(multipart field '{FIELD}'), GET /healthz; Ctrl-C stops it", flush=True)
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # `kill` stops it as Ctrl-C does
     try:
         while True:
             time.sleep(3600)

@@ -24,7 +24,9 @@ def csv_rows(path: Path) -> list[dict[str, str]]:
 
 def fold_checkpoints(exp: Path) -> dict[str, set[str]]:
     """trial id -> its fold checkpoint dirs: a trial trained again would add new ones."""
-    return {d.name: {c.name for c in d.glob("checkpoint_*")} for d in (exp / "folds").glob("*")}
+    # Ray Train also keeps checkpoint_manager_snapshot.json there: directories only
+    return {d.name: {c.name for c in d.glob("checkpoint_*") if c.is_dir()}
+            for d in (exp / "folds").glob("*")}
 
 
 def session_pids(session: int, pattern: str) -> list[int]:

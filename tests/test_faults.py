@@ -69,7 +69,7 @@ def _seen(seen: set[str], dirs) -> set[str]:
     keeps only the latest (``CheckpointConfig(num_to_keep=1)``), so they are counted as they
     appear."""
     for names in dirs:
-        seen.update(names)
+        seen.update(n for n in names if not n.endswith(".json"))  # not Ray's snapshot file
     return seen
 
 

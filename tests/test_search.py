@@ -87,7 +87,8 @@ def test_search_prunes_resumes_and_writes_results(ray_data, tmp_path):
         if row["status"] == "pruned":
             assert row["trial_id"] not in checkpoints, row
         else:
-            kept = max(checkpoints[row["trial_id"]])  # the latest (names are timestamps)
+            kept = max(c for c in checkpoints[row["trial_id"]]  # the latest (timestamp names)
+                       if (exp / "folds" / row["trial_id"] / c).is_dir())
             for fold in (0, 1):
                 state = torch.load(exp / "folds" / row["trial_id"] / kept / f"fold_{fold}.pt",
                                    weights_only=True)

@@ -159,6 +159,40 @@ def test_cli_tampered_artifact_is_one_line_exit_2_before_ray(artifact, tmp_path)
     assert len(lines) == 1 and "fold_1.pt" in lines[0] and str(art) in lines[0]
 
 
+@pytest.mark.slow
+def test_cli_serves_on_loopback_and_stops_on_sigterm(artifact, cells, tmp_path):
+    """The command line: a local Ray, the app on 127.0.0.1:<port>, one line when ready; `kill`
+    (SIGTERM) shuts Serve down and exits 0. (Runs before this module's in-process Ray starts.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "leuk_ray.serve", "--model", str(artifact),
+                             "--port", str(port), "--cpus-per-replica", "1"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # blocks until the service is up (or the command ended)
+        assert line.startswith("serving ") and f"http://127.0.0.1:{port}" in line, \
+            (line, proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
+        r = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=30)
+        assert r.status_code == 200 and r.json()["model"] == artifact.name
+        r = _post(f"http://127.0.0.1:{port}", [(cells[0].name, cells[0].read_bytes())])
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(1)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
 # ------------------------------------------------------------------- a real local Ray Serve
 def _free_port() -> int:
     with socket.socket() as s:
