@@ -441,6 +441,9 @@ def save_config(cfg: Config, path: str | Path, extra: dict | None = None) -> Pat
     p.parent.mkdir(parents=True, exist_ok=True)
     d = to_dict(cfg)
     if extra:
+        clash = set(extra) & set(d)
+        if clash:  # an extra key would be hidden by a config section of the same name
+            raise ValueError(f"save_config: extra keys {sorted(clash)} clash with config sections")
         d = {**extra, **d}
     p.write_text(yaml.safe_dump(d, sort_keys=False))
     return p

@@ -669,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     folds = [float(best[f"fold_{i}_val_f1"]) for i in range(int(best["folds"]))]
     save_config(best_cfg, exp_dir / "best_config.yaml", extra={
         "cv_score": float(best["mean_val_f1"]), "cv_fold_scores": folds,
-        "trial_id": best["trial_id"], "search": files.uri})
+        "trial_id": best["trial_id"], "search_dir": files.uri})
     files.push("best_config.yaml")
     print(f"best trial {best['trial_id']}: mean F1 {best['mean_val_f1']:.4f} "
           f"(folds {', '.join(f'{x:.4f}' for x in folds)})")

@@ -266,5 +266,5 @@ def test_search_on_a_uri_resumes_after_the_experiment_moved(ray_data, tmp_path):
     for row in rows:
         assert states[round(float(row["train.lr"]), 12)] == \
             ("COMPLETE" if row["status"] == "completed" else "PRUNED")
-    assert yaml.safe_load((exp / "best_config.yaml").read_text())["search"] == f"file://{exp}"
+    assert yaml.safe_load((exp / "best_config.yaml").read_text())["search_dir"] == f"file://{exp}"
     assert not (first / "m1").exists()  # nothing written where the search first ran
