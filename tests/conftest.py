@@ -31,6 +31,35 @@ def cnmc_root() -> Path:
     return CNMC
 
 
+@pytest.fixture
+def token_auth():
+    """Token auth for a Ray cluster this process starts (``ray.cluster_utils``) and joins.
+
+    Ray 2.60 gives a new local cluster token auth, and once this process has joined one (an
+    in-process ``ray.init()`` of an earlier test) its own gRPC servers keep asking callers for the
+    token: a cluster started without it then cancels every actor the process creates ("cancelled
+    before it started running"). So such clusters use token auth too, whatever test ran before,
+    as a real 2.60 cluster does; the process's cached Ray config is refreshed to match.
+    """
+    from ray._private.authentication.authentication_token_setup import (
+        ensure_token_if_auth_enabled,
+    )
+    from ray._raylet import Config
+
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")
+    ensure_token_if_auth_enabled(create_token_if_missing=True)  # ~/.ray/auth_token, as ray.init
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
+        Config.initialize("")
+
+
 @pytest.fixture(scope="session")
 def _synth_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from leuk_ray.data.synth import make_synthetic

@@ -124,12 +124,11 @@ def test_new_ray_keys_are_validated(override):
 
 # ------------------------------------------------------------------------- slow: real Ray clusters
 @pytest.fixture
-def gpu_cluster(monkeypatch):
+def gpu_cluster(token_auth):
     """A head without GPUs and one node with 2 fake GPUs, joined in this process."""
     import ray
     from ray.cluster_utils import Cluster
 
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
     gpu_node = cluster.add_node(num_cpus=2, num_gpus=2)
     cluster.wait_for_nodes()
@@ -139,7 +138,6 @@ def gpu_cluster(monkeypatch):
     finally:
         ray.shutdown()
         cluster.shutdown()
-        os.environ.pop("RAY_AUTH_MODE", None)
 
 
 def _run(ray_data: Path, tmp_path: Path, name: str, *overrides: str):
