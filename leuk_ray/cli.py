@@ -35,6 +35,9 @@ def common_parser(prog: str, description: str, *, data: bool = True, out: bool =
         p.add_argument("--out", metavar="DIR", default=None, help="output directory")
     p.add_argument("--smoke-test", action="store_true",
                    help="tiny model, 64 px, few images and epochs: the whole run in minutes on a CPU")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print Ray's, Tune's and Optuna's own output (by default it stays in "
+                        "Ray's log files, /tmp/ray/session_latest/logs)")
     return p
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import ray
 import yaml
 
+from leuk_ray import console
 from leuk_ray.config import Config
 from leuk_ray.errors import UserError
 
@@ -45,15 +46,16 @@ def connect(address: str | None = None, *, num_cpus: float | None = None) -> str
     if ray.is_initialized():
         return _dashboard_url()
     address = address or os.environ.get("RAY_ADDRESS") or None
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    quiet = console.ray_init_kwargs()  # worker output stays in Ray's logs unless --verbose
     try:
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, **quiet)
         else:
             # set before ray.init: the raylet, and so every worker it starts, inherits it
             os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
             ray.init(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus,
-                     log_to_driver=True)
+                     **quiet)
+        console.filter_raylet_noise()
     except ConnectionError as e:
         raise UserError(f"could not connect to the Ray cluster at {address}: {e} (is it up? for a "
                         "cluster started with token auth set RAY_AUTH_MODE=token)") from None

@@ -163,6 +163,10 @@ class SearchConfig:
                                  range=(1.0, 100.0), open=(1.0,))
     storage_path: str = _f("~/leuk_ray_results", "where searches are kept (local dir, NFS or s3://)")
     name: str = _f("", "search name (default: search-<date>-<time>)")
+    storage: str = _f("", "where the Optuna study is kept: an RDB URL (postgresql://..., "
+                      "mysql://..., sqlite:///...); empty: study.db in the search directory")
+    reproducible: bool = _f(False, "one trial at a time, deterministic kernels: the same seed gives "
+                            "the same trials and the same best (slower; see README)")
 
 
 @dataclass
@@ -386,7 +390,16 @@ def _check_value(f: dataclasses.Field, value: Any, key: str, where: str) -> None
                             "none, or two positive numbers 'w_hem,w_all'") from None
 
 
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
+
+
 def _validate_cross(cfg: Config, where: str) -> None:
+    url = cfg.search.storage
+    if url and (url.partition("://")[0].partition("+")[0] not in RDB_SCHEMES or "://" not in url):
+        raise UserError(f"{where}: search.storage = {url!r} is not an RDB URL: use e.g. "
+                        "postgresql://USER@HOST/DB or sqlite:////abs/path/study.db (one of "
+                        f"{', '.join(RDB_SCHEMES)}), or leave it empty for study.db in the search "
+                        "directory")
     if cfg.data.split == "official" and cfg.data.folds != 3:
         raise UserError(f"{where}: data.split = official has exactly 3 folds (C-NMC fold_0..2), but "
                         f"data.folds = {cfg.data.folds}: set data.folds=3")

@@ -34,6 +34,7 @@ import torch
 from leuk_ray import cluster
 from leuk_ray.artifact import build_ensemble, leuk_ray_version, save_artifact
 from leuk_ray.calibration import Calibration, fit_calibration
+from leuk_ray import console
 from leuk_ray.cli import common_parser, run_main
 from leuk_ray.config import (SMOKE_MODEL, Config, config_from_yaml_with_extras, from_dict,
                              load_config, set_value, to_dict)
@@ -482,6 +483,7 @@ def write_comparison(out: Path, named: dict[str, dict[str, Any]]) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.setup(args.verbose)
     cfg, source = resolve_config(args)
     check_weights(cfg.model)  # backbone name and weights: fail before the data and Ray
     compare_cfg = None

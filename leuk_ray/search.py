@@ -34,6 +34,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from leuk_ray import cluster
+from leuk_ray import console
 from leuk_ray.cli import common_parser, config_from_args, run_main
 from leuk_ray.config import Config, config_from_yaml_with_extras, save_config, set_value
 from leuk_ray.data import PreparedData, prepare_data
@@ -53,15 +54,98 @@ SEARCHER_STATE = OptunaSearch.CKPT_FILE_TMPL.format("*")  # Tune saves the searc
 
 
 # ------------------------------------------------------------------------------- Optuna, pruning
+STUDY_FILE = "study.db"
+
+
+def study_url(cfg: Config, files: cluster.RunFiles) -> str:
+    """Where the search's Optuna study lives: ``search.storage``, else ``study.db`` in the run's
+    (local) files; for s3:// storage that is the driver's mirror, uploaded as trials end."""
+    return cfg.search.storage or f"sqlite:///{files.local / STUDY_FILE}"
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage at ``url``; a missing driver or an unreachable database is one line."""
+    from sqlalchemy.engine import make_url
+
+    shown = make_url(url).render_as_string(hide_password=True)
+    kwargs = {}
+    if url.startswith("sqlite"):
+        kwargs = {"connect_args": {"timeout": 60}}  # a dashboard may be reading it
+        db = make_url(url).database
+        if db and db != ":memory:":
+            Path(db).parent.mkdir(parents=True, exist_ok=True)  # the mirror of an s3:// search
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except ImportError as e:
+        raise UserError(f"search.storage = {shown}: {e} (install the database driver, e.g. "
+                        "pip install psycopg2-binary for PostgreSQL)") from None
+    except Exception as e:  # sqlalchemy's OperationalError and friends
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"search.storage = {shown}: cannot open the study database: {first}") \
+            from None
+
+
 class PruneAwareOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna the truth about trials that did not finish.
+    """OptunaSearch that tells Optuna the truth about trials that did not finish, and keeps its
+    study in a database that a dashboard can read while the search runs.
 
     Stock OptunaSearch records an ASHA-stopped trial as COMPLETE with its early score, so TPE
     would learn from truncated results as if they were final. Here a trial whose last report does
     not say ``trial_finished`` (stopped by ASHA, or by a non-finite loss) is told PRUNED; Optuna
-    then ranks it by its last intermediate value, below the finished ones. Intermediate values are
-    reported at the absolute epoch (``training_iteration`` restarts at 1 after a restore).
+    then ranks it by its last intermediate value, below the finished ones, and a trial that raised
+    is told FAIL (stock OptunaSearch tells COMPLETE when the failed trial had reported).
+    Intermediate values are reported at the absolute epoch (``training_iteration`` restarts at 1
+    after a restore). Each Optuna trial carries user attributes: ``tune_trial_id``, ``epochs``,
+    ``mean_val_f1``, ``fold_val_f1`` (list), and at its end ``status`` and ``reason`` as in
+    trials.csv.
+
+    The study lives at ``storage_url`` (``study.db`` in the search directory by default). Tune
+    pickles this searcher with the experiment; ``resume_url``, when set before ``Tuner.restore``,
+    re-points the restored study at where the search is now (a moved or copied directory).
     """
+
+    resume_url: str | None = None  # set by the search command before Tuner.restore
+
+    def __init__(self, *args: Any, storage_url: str | None = None, **kwargs: Any) -> None:
+        if storage_url:
+            kwargs["storage"] = open_storage(storage_url)
+        super().__init__(*args, **kwargs)
+        self._storage_url = storage_url
+
+    def save(self, checkpoint_path: str) -> None:
+        if not getattr(self, "_storage_url", None):
+            return super().save(checkpoint_path)  # an in-memory study is pickled whole
+        # the study itself is in its database: pickle where it is and which trial is whose
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("_storage", "_ot_study", "_ot_trials")}
+        state["_ot_trial_numbers"] = {tid: t.number for tid, t in self._ot_trials.items()}
+        state["_ot_sampler"] = self._ot_study.sampler
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(state, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        numbers = state.pop("_ot_trial_numbers", None)
+        sampler = state.pop("_ot_sampler", None)
+        self.__dict__.update(state)
+        if numbers is None:  # an in-memory study (or a state saved before studies were kept)
+            return
+        url = type(self).resume_url or self._storage_url
+        storage = open_storage(url)
+        study = optuna.load_study(study_name=self._study_name, storage=storage, sampler=sampler,
+                                  pruner=optuna.pruners.NopPruner())
+        by_number = {t.number: t._trial_id for t in study.get_trials(deepcopy=False)}  # noqa: SLF001
+        self._ot_trials = {tid: optuna.Trial(study, by_number[n])
+                           for tid, n in numbers.items() if n in by_number}
+        self._storage, self._ot_study, self._storage_url = storage, study, url
+
+    def suggest(self, trial_id: str) -> dict | None:
+        new = trial_id not in self._ot_trials
+        params = super().suggest(trial_id)
+        if new and trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
+        return params
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -69,19 +153,45 @@ class PruneAwareOptunaSearch(OptunaSearch):
         value = result.get(self.metric)
         if value is None or not math.isfinite(value):
             return
-        self._ot_trials[trial_id].report(float(value), int(result.get("epoch", 0)))
+        ot, step = self._ot_trials[trial_id], int(result.get("epoch", 0))
+        reported = self.__dict__.setdefault("_reported", {})  # trial id -> last epoch reported
+        if reported.get(trial_id) == step:
+            return
+        reported[trial_id] = step
+        ot.report(float(value), step)
+        ot.set_user_attr("epochs", int(result.get("epoch", 0)))
+        ot.set_user_attr("mean_val_f1", float(value))
+        ot.set_user_attr("fold_val_f1", [result.get(f"fold_{i}_val_f1")
+                                         for i in range(int(result.get("folds", 0)))])
+
+    def _end(self, trial_id: str, state: Any, status: str, reason: str,
+             value: float | None = None) -> None:
+        ot = self._ot_trials[trial_id]
+        try:
+            ot.set_user_attr("status", status)
+            ot.set_user_attr("reason", reason)
+            self._ot_study.tell(ot, value, state=state)
+        finally:
+            self._completed_trials.add(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        if result and not error and not result.get("trial_finished", False) and \
-                trial_id in self._ot_trials and trial_id not in self._completed_trials:
-            self.on_trial_result(trial_id, result)  # the last result comes only with completion
-            try:
-                self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
-            finally:
-                self._completed_trials.add(trial_id)
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        super().on_trial_complete(trial_id, result, error)
+        states = optuna.trial.TrialState
+        if error:
+            self._end(trial_id, states.FAIL, "failed", "the trial raised (see trials.csv)")
+            return
+        if result and not result.get("pruned_reason") and result.get("trial_finished", False) and \
+                math.isfinite(float(result.get(self.metric, float("nan")))):
+            self.on_trial_result(trial_id, result)
+            self._end(trial_id, states.COMPLETE, "completed", "", float(result[self.metric]))
+            return
+        if result:
+            self.on_trial_result(trial_id, result)  # the last result comes only with completion
+        reason = (result or {}).get("pruned_reason") or (
+            f"ASHA stopped it at epoch {(result or {}).get('epoch')} (below its rung's cutoff)")
+        self._end(trial_id, states.PRUNED, "pruned", str(reason))
 
 
 def make_sampler(seed: int) -> optuna.samplers.TPESampler:
@@ -382,8 +492,11 @@ class SearchProgress(tune.Callback):
     """Prints one line per trial epoch, keeps ``trials.csv`` current as trials end, and deletes
     the fold checkpoints of pruned and failed trials (see ``DROP_AFTER_S``)."""
 
-    def __init__(self, space_keys: list[str], max_epochs: int) -> None:
-        self.space_keys, self.max_epochs = space_keys, max_epochs
+    STATUS_EVERY_S = 120.0  # a status line at least this often while trials run
+
+    def __init__(self, space_keys: list[str], max_epochs: int, num_samples: int = 0) -> None:
+        self.space_keys, self.max_epochs, self.num_samples = space_keys, max_epochs, num_samples
+        self.last_status = time.time()
         # where the experiment is: bound at run time from the trials (see experiment_files), as
         # this object is pickled into the experiment and restored by Tuner.restore elsewhere
         self.files: cluster.RunFiles | None = None
@@ -408,6 +521,24 @@ class SearchProgress(tune.Callback):
                          for i in range(int(result.get("folds", 0))))
         print(f"[trial {trial.trial_id}] epoch {result.get('epoch')}/{self.max_epochs} "
               f"mean F1 {result.get(SCORE, float('nan')):.4f} (folds {folds})", flush=True)
+        if time.time() - getattr(self, "last_status", 0.0) >= self.STATUS_EVERY_S:
+            self.print_status(trials)
+
+    def print_status(self, trials: list) -> None:
+        """One line: how many trials run, ended how, and the best so far."""
+        self.last_status = time.time()
+        pruned = read_pruned(self.exp_dir) if self.exp_dir else {}
+        rows = [trial_row(t, self.space_keys, self.ended.get(t.trial_id, ""), pruned)
+                for t in trials]
+        counts = {k: sum(r["status"] == k for r in rows)
+                  for k in ("running", "completed", "pruned", "failed")}
+        waiting = max(getattr(self, "num_samples", 0) - len(rows), 0) + \
+            sum(r["status"] in ("pending", "paused") for r in rows)
+        best = _best(rows)
+        text = ", ".join(f"{v} {k}" for k, v in counts.items()) + f", {waiting} to come"
+        if best:
+            text += f"; best {best['mean_val_f1']:.4f} (trial {best['trial_id']})"
+        print(f"status: {text}", flush=True)
 
     def _bind(self, trial: Any) -> cluster.RunFiles:
         self.files = experiment_files(trial)
@@ -424,7 +555,8 @@ class SearchProgress(tune.Callback):
         print(f"[trial {trial.trial_id}] {row['status']} after {row['epochs']} epochs, mean F1 "
               f"{text}{why}", flush=True)
         write_trials_csv(trials, self.space_keys, self.exp_dir / "trials.csv", self.ended)
-        self.files.push("trials.csv")
+        self.files.push("trials.csv", STUDY_FILE)
+        self.print_status(trials)
         if row["status"] in DROPPED_STATUSES:
             self.to_drop[trial.trial_id] = time.time()
         self.drop_ended()
@@ -440,7 +572,7 @@ class SearchProgress(tune.Callback):
             return
         self._bind(trials[0])
         write_trials_csv(trials, self.space_keys, self.exp_dir / "trials.csv", self.ended)
-        self.files.push("trials.csv")
+        self.files.push("trials.csv", STUDY_FILE)
 
 
 # ---------------------------------------------------------------------------------- the command
@@ -531,7 +663,7 @@ def _setup(args: argparse.Namespace) -> tuple[Config, SearchSpace, cluster.RunFi
         if not files.pull("config.yaml", "space.yaml"):
             raise UserError(f"{files.uri}: no search named '{name}' to resume there "
                             "(no config.yaml)")
-        files.pull("folds.csv")  # the scheduler and trials.csv find theirs at run time
+        files.pull("folds.csv", STUDY_FILE)  # the scheduler and trials.csv find theirs at run time
         cfg, _ = config_from_yaml_with_extras(files.local / "config.yaml")
         space = load_space(files.local / "space.yaml", cfg)
         num_samples = cfg.search.num_samples
@@ -559,6 +691,15 @@ def _setup(args: argparse.Namespace) -> tuple[Config, SearchSpace, cluster.RunFi
         raise UserError(f"{files.uri} already exists: pass --resume to continue that search, or "
                         "another --name")
     cluster.check_storage(storage)
+    if cfg.search.storage:  # a shared database: one study per search name
+        names = optuna.get_all_study_names(open_storage(cfg.search.storage))
+        if name in names:
+            raise UserError(f"search.storage already holds a study named '{name}': pass --resume "
+                            "to continue that search, or another --name")
+    if cfg.search.reproducible:
+        set_value(cfg, "search.max_concurrent", 1, where="search.reproducible")
+        if cfg.train.deterministic == "auto":
+            set_value(cfg, "train.deterministic", "true", where="search.reproducible")
     return cfg, space, files, num_samples
 
 
@@ -592,6 +733,7 @@ def _trainable(cfg: Config, prepared: PreparedData, folds_path: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.setup(args.verbose)
     cfg, space, files, num_samples = _setup(args)
     check_weights(cfg.model)  # backbone name and weights: fail before the data and Ray
     exp_dir, name = files.local, files.name
@@ -615,6 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     trainable = _trainable(cfg, prepared, f"{files.uri}/folds")
     if args.resume:
+        PruneAwareOptunaSearch.resume_url = study_url(cfg, files)
         tuner = tune.Tuner.restore(files.uri, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         print(f"resuming {files.uri}", flush=True)
@@ -622,7 +765,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         searcher = PruneAwareOptunaSearch(
             space=space.optuna_space(), metric=SCORE, mode="max",
             points_to_evaluate=space.optuna_points() or None,
-            sampler=make_sampler(cfg.search.seed))
+            sampler=make_sampler(cfg.search.seed), study_name=name,
+            storage_url=study_url(cfg, files))
         scheduler = (ResumableASHA(time_attr="epoch", max_t=cfg.train.epochs,
                                    grace_period=min(cfg.search.grace_period, cfg.train.epochs),
                                    reduction_factor=cfg.search.reduction_factor)
@@ -633,7 +777,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         scheduler=scheduler, num_samples=num_samples,
                                         max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(name=name, storage_path=files.storage,
-                                      callbacks=[SearchProgress(space.keys, cfg.train.epochs)],
+                                      callbacks=[SearchProgress(space.keys, cfg.train.epochs,
+                                                                num_samples)],
                                       # a trial whose driver was lost (its node, an OOM kill)
                                       # restarts and resumes its folds' checkpoints; a trial that
                                       # failed for good fails again at once (trial.FAILED_FILE)
@@ -648,8 +793,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     files.pull(PRUNED_FILE)
     pruned = read_pruned(exp_dir)
     rows = [result_row(r, space.keys, pruned) for r in results]
-    if write_optuna_trials(files):
+    if write_optuna_trials(files, cfg):
         files.push("optuna_trials.csv")
+        from leuk_ray.search_report import write_report
+
+        write_report(files)
     best = _best(rows)
     for row in rows:  # every trial has stopped: no fold worker writes there any more
         if row["status"] in DROPPED_STATUSES:
@@ -680,22 +828,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"best config: {files.uri}/best_config.yaml")
     if dashboard:
         print(f"dashboard:   {dashboard} (Jobs and Actors pages; runs as long as this Ray does)")
-    print(f"TensorBoard: tensorboard --logdir {files.uri}")
+    print(f"report:      {files.uri}/search_report.md")
+    print(f"live view:   python -m leuk_ray.dashboard {files.uri}")
     print(f"next:        python -m leuk_ray.final --from {files.uri}")
     return 0
 
 
-def write_optuna_trials(files: cluster.RunFiles) -> bool:
-    """``optuna_trials.csv`` in the run's (local) files: what Optuna learned, each trial's state
-    (COMPLETE, PRUNED or FAIL), from the searcher state Tune saved in the experiment (local, NFS
-    or s3://). False when the experiment has no searcher state (no trial was ever proposed)."""
-    newest = files.newest(SEARCHER_STATE)
-    if newest is None or not files.pull(newest):
+def write_optuna_trials(files: cluster.RunFiles, cfg: Config) -> bool:
+    """``optuna_trials.csv`` in the run's (local) files: the study as Optuna holds it, each trial's
+    state (COMPLETE, PRUNED or FAIL), value, parameters and user attributes. False when the
+    study has no trial (none was ever proposed)."""
+    try:
+        study = optuna.load_study(study_name=files.name, storage=open_storage(study_url(cfg, files)))
+    except KeyError:  # no such study: a search from before studies were kept
         return False
-    searcher = PruneAwareOptunaSearch()
-    searcher.restore(str(files.local / newest))
-    searcher._ot_study.trials_dataframe().to_csv(files.local / "optuna_trials.csv",  # noqa: SLF001
-                                                 index=False)
+    if not study.trials:
+        return False
+    study.trials_dataframe().to_csv(files.local / "optuna_trials.csv", index=False)
     return True
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from leuk_ray import console
 from leuk_ray.cli import common_parser, config_from_args, run_main
 from leuk_ray.config import Config, save_config, to_dict
 from leuk_ray.data import fold_datasets, prepare_data
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.setup(args.verbose)
     if args.resume and not args.out:
         raise UserError("--resume needs --out DIR: the directory of the run to continue")
     out = Path(args.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}").expanduser()

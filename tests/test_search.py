@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +41,49 @@ def _cmd(data: Path, storage: Path, name: str, space: Path, *extra: str) -> list
 
 def _ended(path: Path) -> int:
     return sum(r["status"] in ("completed", "pruned", "failed") for r in csv_rows(path))
+
+
+# what a search prints (our lines, one prefix each): anything else on its console is a library's
+OURS = ("search '", "data:", "Ray:", "resuming", "[trial ", "status:", "warning:", "note:", "4 trials",
+        "3 trials", "best trial", "  train.", "results:", "trials:", "best config:", "dashboard:",
+        "report:", "live view:", "next:", "search interrupted")
+
+
+def top_id(rows: list[dict]) -> str:
+    done = [x for x in rows if x["status"] == "completed"]
+    return max(done, key=lambda x: float(x["mean_val_f1"]))["trial_id"]
+
+
+def check_dashboard(exp: Path, n_trials: int) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "leuk_ray.dashboard", str(exp), "--port",
+                             str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline, studies = time.time() + 60, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as f:
+                    studies = json.load(f)["study_summaries"]
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert studies, proc.stdout.read() if proc.poll() is not None else "no answer"
+        (study,) = studies
+        assert study["study_name"] == exp.name
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}",
+                                    timeout=10) as f:
+            detail = json.load(f)
+        assert len(detail["trials"]) == n_trials
+        assert {t["state"] for t in detail["trials"]} <= {"Complete", "Pruned"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.mark.slow
@@ -110,6 +154,35 @@ def test_search_prunes_resumes_and_writes_results(ray_data, tmp_path):
     for row in rows:
         expected = "COMPLETE" if row["status"] == "completed" else "PRUNED"
         assert states[round(float(row["train.lr"]), 12)] == expected
+    # issue 15: the study in study.db holds the same trials as trials.csv, in the same states and
+    # with the same scores, continued (not restarted) by --resume; each carries its Tune id,
+    # status, reason, epochs and fold scores
+    import optuna
+
+    study = optuna.load_study(study_name="s1", storage=f"sqlite:///{exp / 'study.db'}")
+    by_tune = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    assert sorted(by_tune) == sorted(row["trial_id"] for row in rows)
+    for row in rows:
+        t = by_tune[row["trial_id"]]
+        assert t.state.name == {"completed": "COMPLETE", "pruned": "PRUNED"}[row["status"]]
+        assert t.value == pytest.approx(float(row["mean_val_f1"]))
+        assert t.user_attrs["status"] == row["status"] and t.user_attrs["reason"] == row["reason"]
+        assert t.user_attrs["epochs"] == int(row["epochs"]) == max(t.intermediate_values)
+        assert t.user_attrs["fold_val_f1"] == pytest.approx(
+            [float(row["fold_0_val_f1"]), float(row["fold_1_val_f1"])])
+    # the search report, with its plots
+    report = (exp / "search_report.md").read_text()
+    assert f"`{top_id(rows)}`" in report and "## Learning curves" in report
+    for png in ("history.png", "curves.png", "importance.png", "slices.png"):
+        assert (exp / png).stat().st_size > 5000, png
+    # the console of a search: only leuk-ray's lines (no Ray, Tune or Optuna chatter, no colours)
+    out = r.stdout + r.stderr
+    for noise in ("(RayTrainWorker", "(raylet)", "PlacementGroupCleaner", "\x1b[",
+                  "Configuration for experiment", "INFO", "TensorBoard", "[I 20"):
+        assert noise not in out, (noise, out[-3000:])
+    assert all(line.startswith(OURS) for line in out.splitlines() if line.strip()), out[-3000:]
+    # the live view: optuna-dashboard on loopback answers with this study and its trials
+    check_dashboard(exp, n_trials=3)
     # best_config.yaml: the full resolved config of the best completed trial plus its CV score
     best = yaml.safe_load((exp / "best_config.yaml").read_text())
     done = [x for x in rows if x["status"] == "completed"]

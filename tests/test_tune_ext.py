@@ -189,13 +189,14 @@ def test_progress_uploads_trials_csv_through_a_remote_filesystem(tmp_path):
 
 
 # ------------------------------------------------------------------------- the prune-aware searcher
-def _searcher() -> PruneAwareOptunaSearch:
+def _searcher(url: str | None = None, name: str = "s") -> PruneAwareOptunaSearch:
     from optuna.distributions import FloatDistribution
 
     from leuk_ray.search import make_sampler
 
     return PruneAwareOptunaSearch(space={"train/lr": FloatDistribution(1e-7, 1e-2, log=True)},
-                                  metric=M, mode="max", sampler=make_sampler(0))
+                                  metric=M, mode="max", sampler=make_sampler(0),
+                                  study_name=name, storage_url=url)
 
 
 def test_searcher_tells_optuna_pruned_for_stopped_and_complete_for_finished():
@@ -227,27 +228,81 @@ def test_searcher_skips_non_finite_reports():
 
 
 @pytest.mark.parametrize("uri", [False, True], ids=["local", "file-uri"])
-def test_optuna_trials_csv_from_the_saved_searcher(tmp_path, uri):
-    """Issue 14.2: with s3:// storage optuna_trials.csv was never written (the searcher state was
-    looked up on local disk only, and the error swallowed). file:// takes the s3:// code path."""
+def test_study_db_and_optuna_trials_csv(tmp_path, uri):
+    """Issue 15: the study is kept in study.db in the run's files (the driver's mirror for a
+    remote storage; file:// takes the s3:// code path); optuna_trials.csv is read from it, with
+    each trial's state and the attributes a user looks for."""
+    import optuna
+
+    from leuk_ray.config import Config
+    from leuk_ray.search import STUDY_FILE, study_url
+
     exp = tmp_path / "results" / "s"
     exp.mkdir(parents=True)
-    s = _searcher()
-    s.suggest("a")
-    s.on_trial_complete("a", _result(2, 0.3))
-    s.save_to_dir(str(exp), session_str="2026-01-01_00-00-00")  # what Tune does at each save
-    s.suggest("b")
-    s.on_trial_complete("b", _result(6, 0.8, finished=True))
-    s.save_to_dir(str(exp), session_str="2026-01-02_00-00-00")  # a resumed session: the newest
     files = RunFiles.from_path(f"file://{exp}" if uri else str(exp))
     assert files.remote is uri
-    assert write_optuna_trials(files)
+    url = study_url(Config(), files)
+    assert url == f"sqlite:///{files.local / STUDY_FILE}"
+    s = _searcher(url, name=files.name)
+    s.suggest("a")
+    s.on_trial_result("a", _result(1, 0.2))
+    s.on_trial_complete("a", _result(2, 0.3))
+    s.suggest("b")
+    s.on_trial_complete("b", _result(6, 0.8, finished=True))
+    s.suggest("c")
+    s.on_trial_result("c", _result(1, 0.5))
+    s.on_trial_complete("c", error=True)
+    study = optuna.load_study(study_name=files.name, storage=url)  # another reader, e.g. a dashboard
+    a, b, c = study.trials
+    assert [t.state.name for t in (a, b, c)] == ["PRUNED", "COMPLETE", "FAIL"]
+    assert a.intermediate_values == {1: 0.2, 2: 0.3} and a.value == 0.3
+    assert b.value == 0.8 and c.value is None
+    assert a.user_attrs["tune_trial_id"] == "a" and a.user_attrs["status"] == "pruned"
+    assert a.user_attrs["reason"].startswith("ASHA stopped it at epoch 2")
+    assert b.user_attrs["epochs"] == 6 and b.user_attrs["fold_val_f1"] == [0.8, 0.8]
+    assert c.user_attrs["status"] == "failed"
+    assert write_optuna_trials(files, Config())
     with (files.local / "optuna_trials.csv").open() as f:
-        assert [r["state"] for r in csv.DictReader(f)] == ["PRUNED", "COMPLETE"]
+        assert [r["state"] for r in csv.DictReader(f)] == ["PRUNED", "COMPLETE", "FAIL"]
 
 
-def test_optuna_trials_csv_without_a_searcher_state(tmp_path):
-    assert not write_optuna_trials(RunFiles.from_path(f"file://{tmp_path / 'none'}"))
+def test_restored_searcher_follows_a_moved_study(tmp_path):
+    """A search directory moved elsewhere: the restored searcher writes to the study.db there,
+    not to the pickled path of the old place."""
+    import optuna
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    s = _searcher(f"sqlite:///{old / 'study.db'}")
+    s.suggest("a")
+    s.on_trial_result("a", _result(1, 0.4))
+    s.save(str(old / "searcher.pkl"))
+    shutil.move(str(old), str(new))
+    PruneAwareOptunaSearch.resume_url = f"sqlite:///{new / 'study.db'}"
+    try:
+        r = PruneAwareOptunaSearch()
+        r.restore(str(new / "searcher.pkl"))
+    finally:
+        PruneAwareOptunaSearch.resume_url = None
+    r.on_trial_complete("a", _result(3, 0.6, finished=True))
+    assert not old.exists()
+    (t,) = optuna.load_study(study_name="s", storage=f"sqlite:///{new / 'study.db'}").trials
+    assert t.state.name == "COMPLETE" and t.value == 0.6
+
+
+def test_study_storage_key_is_checked_at_the_edge():
+    from leuk_ray.config import load_config
+    from leuk_ray.errors import UserError
+
+    with pytest.raises(UserError, match="search.storage.*not an RDB URL"):
+        load_config(None, ["search.storage=/tmp/study.db"])
+    assert load_config(None, ["search.storage=postgresql://u@h/db"]).search.storage
+
+
+def test_optuna_trials_csv_without_a_study(tmp_path):
+    from leuk_ray.config import Config
+
+    assert not write_optuna_trials(RunFiles.from_path(f"file://{tmp_path / 'none'}"), Config())
 
 
 def test_run_files_from_tune_storage(tmp_path):
