@@ -6,6 +6,7 @@ through ``run_main``, which turns a ``UserError`` into one line on stderr and ex
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from collections.abc import Callable, Sequence
 
@@ -46,6 +47,18 @@ def config_from_args(args: argparse.Namespace, *, base: dict | None = None) -> C
     if getattr(args, "data", None):
         overrides.insert(0, f"data.root={args.data}")
     return load_config(args.config, overrides, preset=args.preset, smoke=args.smoke_test, base=base)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A ``--host``/``--port`` this machine can listen on, or one clear error line."""
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port}: use a port in 1..65535")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
+                            "choose another --port (or stop what uses it)") from None
 
 
 def run_main(main: Callable[[Sequence[str] | None], int | None],

@@ -10,11 +10,10 @@ Ray's dashboard (see README). A search on s3:// is shown as a snapshot taken at 
 from __future__ import annotations
 
 import argparse
-import socket
 from collections.abc import Sequence
 
 from leuk_ray import cluster
-from leuk_ray.cli import run_main
+from leuk_ray.cli import check_port_free, run_main
 from leuk_ray.errors import UserError
 
 LOOPBACK = "127.0.0.1"
@@ -34,20 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_port(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise UserError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); pass "
-                            "another --port") from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not 1 <= args.port <= 65535:
-        raise UserError(f"--port {args.port}: use a port number from 1 to 65535")
     try:
         import bottle
         import optuna_dashboard
@@ -58,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     files = cluster.RunFiles.from_path(cluster.resolve_storage(args.search_dir))
     study, _ = load_search_study(files)
-    _check_port(args.host, args.port)
+    check_port_free(args.host, args.port)
     storage = study._storage  # noqa: SLF001  (the same database the search writes)
     app = optuna_dashboard.wsgi(storage)
     where = "a snapshot of " if files.remote else ""

@@ -31,10 +31,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from leuk_ray import cluster
+from leuk_ray import cluster, console
 from leuk_ray.artifact import build_ensemble, leuk_ray_version, save_artifact
 from leuk_ray.calibration import Calibration, fit_calibration
-from leuk_ray import console
 from leuk_ray.cli import common_parser, run_main
 from leuk_ray.config import (SMOKE_MODEL, Config, config_from_yaml_with_extras, from_dict,
                              load_config, set_value, to_dict)

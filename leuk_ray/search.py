@@ -33,8 +33,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from leuk_ray import cluster
-from leuk_ray import console
+from leuk_ray import cluster, console
 from leuk_ray.cli import common_parser, config_from_args, run_main
 from leuk_ray.config import Config, config_from_yaml_with_extras, save_config, set_value
 from leuk_ray.data import PreparedData, prepare_data
@@ -50,7 +49,6 @@ SMOKE_SPACE = "search_spaces/smoke.yaml"
 # later uploads them back, which would overwrite these with the copies from restore time.
 PRUNED_FILE = "pruned_trials.yaml"
 ASHA_STATE_FILE = "asha_state.pickle"
-SEARCHER_STATE = OptunaSearch.CKPT_FILE_TMPL.format("*")  # Tune saves the searcher there
 
 
 # ------------------------------------------------------------------------------- Optuna, pruning
@@ -159,7 +157,7 @@ class PruneAwareOptunaSearch(OptunaSearch):
             return
         reported[trial_id] = step
         ot.report(float(value), step)
-        ot.set_user_attr("epochs", int(result.get("epoch", 0)))
+        ot.set_user_attr("epochs", step)
         ot.set_user_attr("mean_val_f1", float(value))
         ot.set_user_attr("fold_val_f1", [result.get(f"fold_{i}_val_f1")
                                          for i in range(int(result.get("folds", 0)))])
@@ -189,9 +187,13 @@ class PruneAwareOptunaSearch(OptunaSearch):
             return
         if result:
             self.on_trial_result(trial_id, result)  # the last result comes only with completion
-        reason = (result or {}).get("pruned_reason") or (
-            f"ASHA stopped it at epoch {(result or {}).get('epoch')} (below its rung's cutoff)")
+        reason = (result or {}).get("pruned_reason") or asha_reason((result or {}).get("epoch"))
         self._end(trial_id, states.PRUNED, "pruned", str(reason))
+
+
+def asha_reason(epoch: Any) -> str:
+    """The reason trials.csv and the study give for a trial ASHA stopped."""
+    return f"ASHA stopped it at epoch {epoch} (below its rung's cutoff)"
 
 
 def make_sampler(seed: int) -> optuna.samplers.TPESampler:
@@ -413,8 +415,7 @@ def _row(trial_id: str, status: str, error: Any, config: dict | None, res: dict,
             status = "completed"
         elif trial_id in (pruned or {}):
             status = "pruned"
-            reason = (f"ASHA stopped it at epoch {pruned[trial_id]} (below its rung's "
-                      "cutoff)")
+            reason = asha_reason(pruned[trial_id])
         else:
             status = "interrupted"  # stopped by Ctrl+C or a lost driver: --resume reruns it
     flat = _flatten(config or {})

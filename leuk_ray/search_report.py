@@ -148,9 +148,8 @@ def plot_slices(trials: list, params: list[str], path: Path) -> None:
             done = t.state == optuna.trial.TrialState.COMPLETE
             ax.scatter(t.params[p], s, c="tab:blue" if done else "tab:gray",
                        marker="o" if done else "x")
-        if any(isinstance(t.params.get(p), float) and t.params[p] > 0 for t in trials) and \
-                "lr" in p:
-            ax.set_xscale("log")
+        if any(getattr(t.distributions.get(p), "log", False) for t in trials):
+            ax.set_xscale("log")  # a loguniform parameter (the learning rate)
         ax.set(xlabel=p, ylabel="mean val F1")
     fig.suptitle("Score against each parameter (x: pruned)")
     fig.tight_layout()

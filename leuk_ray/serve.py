@@ -52,7 +52,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from leuk_ray.artifact import MANIFEST, Ensemble, load_artifact, read_manifest
-from leuk_ray.cli import run_main
+from leuk_ray.cli import check_port_free, run_main
 from leuk_ray.cluster import connect
 from leuk_ray.config import ServeConfig, serve_config
 from leuk_ray.data.decode import decode_resized
@@ -338,17 +338,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_port_free(host: str, port: int) -> None:
-    if not 1 <= port <= 65535:
-        raise UserError(f"--port {port}: use a port in 1..65535")
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
-                            "choose another --port (or stop what uses it)") from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sc = serve_config({k: getattr(args, k) for k in FLAGS}, where="command line", names=FLAGS)
@@ -356,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     read_manifest(sc.model)  # checksums and format, before Ray starts (each replica checks again)
     joined = bool(args.address)
     if not joined:
-        _check_port_free(args.host, args.port)
+        check_port_free(args.host, args.port)
     connect(args.address)
     gpus = ray.cluster_resources().get("GPU", 0.0)
     need = sc.gpus_per_replica * sc.replicas
