@@ -46,7 +46,7 @@ def connect(address: str | None = None, *, num_cpus: float | None = None) -> str
     if ray.is_initialized():
         return _dashboard_url()
     address = address or os.environ.get("RAY_ADDRESS") or None
-    quiet = console.ray_init_kwargs()  # worker output stays in Ray's logs unless --verbose
+    quiet = console.ray_init_kwargs()  # which worker lines show: console.route_worker_output
     try:
         if address:
             ray.init(address=address, **quiet)
@@ -55,7 +55,7 @@ def connect(address: str | None = None, *, num_cpus: float | None = None) -> str
             os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
             ray.init(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus,
                      **quiet)
-        console.filter_raylet_noise()
+        console.route_worker_output()
     except ConnectionError as e:
         raise UserError(f"could not connect to the Ray cluster at {address}: {e} (is it up? for a "
                         "cluster started with token auth set RAY_AUTH_MODE=token)") from None

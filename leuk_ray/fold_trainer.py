@@ -36,6 +36,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
+from leuk_ray import console
 from leuk_ray.cluster import check_placement, worker_bundle
 from leuk_ray.config import Config, from_dict, to_dict
 from leuk_ray.data import PreparedData
@@ -255,10 +256,17 @@ def _train_fold(loop_config: dict[str, Any]) -> None:
     _quiet_report_log()
     _check_gpu(cfg, fold)
 
-    # Ray Train tees print() through its logger (each line twice in the driver's output): write
-    # to the real stdout, one line per epoch.
+    # What reaches the driver's console (console.story): that a fold resumed or stopped, and in
+    # the final job every epoch; a search prints its own line per trial epoch (SearchProgress),
+    # so its folds' epoch lines stay in Ray's log files. Ray Train tees print() through its
+    # logger (each line twice): write to the real stdout.
+    label = loop_config.get("label", "")
+
     def log(msg: str) -> None:
-        print(msg, file=sys.__stdout__, flush=True)
+        print(label + msg, file=sys.__stdout__, flush=True)
+
+    def tell(msg: str) -> None:
+        console.story(label + msg)
 
     state = None
     checkpoint = ray.train.get_checkpoint()
@@ -267,14 +275,15 @@ def _train_fold(loop_config: dict[str, Any]) -> None:
             path = Path(d) / fold_file(fold)
             if path.exists():
                 state = load_checkpoint(path)
-                log(f"fold {fold}: resuming after epoch {state['epoch']} from {checkpoint.path}")
+                tell(f"fold {fold}: resuming after epoch {state['epoch']} from {checkpoint.path}")
 
     interpolation = preprocessing_for(cfg).interpolation  # the backbone's (timm's data config)
     images, bad = image_cache(cfg.data, prepared, interpolation)
     train_ds, val_ds = fold_datasets(prepared, fold, cfg.data, images=images, bad=bad,
                                      interpolation=interpolation)
     val_rows = ValidationRows.of(val_ds).to_state()  # what best_probs belong to
-    run = FoldRun(cfg, train_ds, val_ds, fold=fold, state=state, log=log)
+    run = FoldRun(cfg, train_ds, val_ds, fold=fold, state=state,
+                  log=tell if loop_config.get("epoch_lines", True) else log)
     last: dict[str, Any] = {"val_f1": 0.0, "val_loss": float("nan")}
     if run.history:
         last = run.history[-1]
@@ -288,7 +297,7 @@ def _train_fold(loop_config: dict[str, Any]) -> None:
                 last = run.step()
             except NonFiniteLossError as e:
                 failed = str(e)
-                log(f"fold {fold}: stopping: {failed}")
+                tell(f"fold {fold}: stopping: {failed}")
         mine = {
             "fold": fold,
             "epoch": run.epoch,
@@ -324,8 +333,13 @@ def _train_fold(loop_config: dict[str, Any]) -> None:
 
 
 def make_trainer(cfg: Config, prepared: PreparedData, *, storage_path: str, name: str,
-                 callbacks: list | None = None, best_weights: bool = True) -> TorchTrainer:
+                 callbacks: list | None = None, best_weights: bool = True,
+                 epoch_lines: bool = True, label: str = "") -> TorchTrainer:
     """A TorchTrainer with one worker per fold; checkpoints under ``storage_path/name``.
+
+    ``epoch_lines``: each fold's epoch line reaches the driver's console (``console.story``; the
+    final job's progress), else only Ray's log files (a search prints its own per trial).
+    ``label`` starts every line the folds print (a search's ``[trial ID] ``).
 
     Reusing the same ``storage_path`` and ``name`` resumes from the latest checkpoint there
     (Ray Train restores its run state from storage).
@@ -345,7 +359,8 @@ def make_trainer(cfg: Config, prepared: PreparedData, *, storage_path: str, name
     return TorchTrainer(
         fold_worker,
         train_loop_config={"cfg": to_dict(cfg), "prepared": prepared,
-                           "best_weights": best_weights},
+                           "best_weights": best_weights, "epoch_lines": epoch_lines,
+                           "label": label},
         # gloo: the folds never all-reduce gradients, only exchange small metric dicts; its
         # timeout bounds how long a fold that stopped early waits for the others' epoch
         torch_config=TorchConfig(backend="gloo", timeout_s=math.ceil(r.collective_timeout_s)),

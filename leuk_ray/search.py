@@ -31,7 +31,6 @@ import ray
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search.optuna import OptunaSearch
 
 from leuk_ray import cluster, console
 from leuk_ray.cli import common_parser, config_from_args, run_main
@@ -40,6 +39,10 @@ from leuk_ray.data import PreparedData, prepare_data
 from leuk_ray.errors import UserError
 from leuk_ray.fold_trainer import SCORE
 from leuk_ray.search_space import SearchSpace, apply_params, load_space
+from leuk_ray.study import (
+    STUDY_FILE, PruneAwareOptunaSearch, asha_reason, make_sampler, open_storage, study_url,
+    write_optuna_trials,
+)
 from leuk_ray.trial import trial_fn
 from leuk_ray.weights import check_weights
 
@@ -49,162 +52,6 @@ SMOKE_SPACE = "search_spaces/smoke.yaml"
 # later uploads them back, which would overwrite these with the copies from restore time.
 PRUNED_FILE = "pruned_trials.yaml"
 ASHA_STATE_FILE = "asha_state.pickle"
-
-
-# ------------------------------------------------------------------------------- Optuna, pruning
-STUDY_FILE = "study.db"
-
-
-def study_url(cfg: Config, files: cluster.RunFiles) -> str:
-    """Where the search's Optuna study lives: ``search.storage``, else ``study.db`` in the run's
-    (local) files; for s3:// storage that is the driver's mirror, uploaded as trials end."""
-    return cfg.search.storage or f"sqlite:///{files.local / STUDY_FILE}"
-
-
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage at ``url``; a missing driver or an unreachable database is one line."""
-    from sqlalchemy.engine import make_url
-
-    shown = make_url(url).render_as_string(hide_password=True)
-    kwargs = {}
-    if url.startswith("sqlite"):
-        kwargs = {"connect_args": {"timeout": 60}}  # a dashboard may be reading it
-        db = make_url(url).database
-        if db and db != ":memory:":
-            Path(db).parent.mkdir(parents=True, exist_ok=True)  # the mirror of an s3:// search
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    except ImportError as e:
-        raise UserError(f"search.storage = {shown}: {e} (install the database driver, e.g. "
-                        "pip install psycopg2-binary for PostgreSQL)") from None
-    except Exception as e:  # sqlalchemy's OperationalError and friends
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"search.storage = {shown}: cannot open the study database: {first}") \
-            from None
-
-
-class PruneAwareOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna the truth about trials that did not finish, and keeps its
-    study in a database that a dashboard can read while the search runs.
-
-    Stock OptunaSearch records an ASHA-stopped trial as COMPLETE with its early score, so TPE
-    would learn from truncated results as if they were final. Here a trial whose last report does
-    not say ``trial_finished`` (stopped by ASHA, or by a non-finite loss) is told PRUNED; Optuna
-    then ranks it by its last intermediate value, below the finished ones, and a trial that raised
-    is told FAIL (stock OptunaSearch tells COMPLETE when the failed trial had reported).
-    Intermediate values are reported at the absolute epoch (``training_iteration`` restarts at 1
-    after a restore). Each Optuna trial carries user attributes: ``tune_trial_id``, ``epochs``,
-    ``mean_val_f1``, ``fold_val_f1`` (list), and at its end ``status`` and ``reason`` as in
-    trials.csv.
-
-    The study lives at ``storage_url`` (``study.db`` in the search directory by default). Tune
-    pickles this searcher with the experiment; ``resume_url``, when set before ``Tuner.restore``,
-    re-points the restored study at where the search is now (a moved or copied directory).
-    """
-
-    resume_url: str | None = None  # set by the search command before Tuner.restore
-
-    def __init__(self, *args: Any, storage_url: str | None = None, **kwargs: Any) -> None:
-        if storage_url:
-            kwargs["storage"] = open_storage(storage_url)
-        super().__init__(*args, **kwargs)
-        self._storage_url = storage_url
-
-    def save(self, checkpoint_path: str) -> None:
-        if not getattr(self, "_storage_url", None):
-            return super().save(checkpoint_path)  # an in-memory study is pickled whole
-        # the study itself is in its database: pickle where it is and which trial is whose
-        state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("_storage", "_ot_study", "_ot_trials")}
-        state["_ot_trial_numbers"] = {tid: t.number for tid, t in self._ot_trials.items()}
-        state["_ot_sampler"] = self._ot_study.sampler
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(state, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            state = pickle.load(f)
-        numbers = state.pop("_ot_trial_numbers", None)
-        sampler = state.pop("_ot_sampler", None)
-        self.__dict__.update(state)
-        if numbers is None:  # an in-memory study (or a state saved before studies were kept)
-            return
-        url = type(self).resume_url or self._storage_url
-        storage = open_storage(url)
-        study = optuna.load_study(study_name=self._study_name, storage=storage, sampler=sampler,
-                                  pruner=optuna.pruners.NopPruner())
-        by_number = {t.number: t._trial_id for t in study.get_trials(deepcopy=False)}  # noqa: SLF001
-        self._ot_trials = {tid: optuna.Trial(study, by_number[n])
-                           for tid, n in numbers.items() if n in by_number}
-        self._storage, self._ot_study, self._storage_url = storage, study, url
-
-    def suggest(self, trial_id: str) -> dict | None:
-        new = trial_id not in self._ot_trials
-        params = super().suggest(trial_id)
-        if new and trial_id in self._ot_trials:
-            self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
-        return params
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-            return
-        value = result.get(self.metric)
-        if value is None or not math.isfinite(value):
-            return
-        ot, step = self._ot_trials[trial_id], int(result.get("epoch", 0))
-        reported = self.__dict__.setdefault("_reported", {})  # trial id -> last epoch reported
-        if reported.get(trial_id) == step:
-            return
-        reported[trial_id] = step
-        ot.report(float(value), step)
-        ot.set_user_attr("epochs", step)
-        ot.set_user_attr("mean_val_f1", float(value))
-        ot.set_user_attr("fold_val_f1", [result.get(f"fold_{i}_val_f1")
-                                         for i in range(int(result.get("folds", 0)))])
-
-    def _end(self, trial_id: str, state: Any, status: str, reason: str,
-             value: float | None = None) -> None:
-        ot = self._ot_trials[trial_id]
-        try:
-            ot.set_user_attr("status", status)
-            ot.set_user_attr("reason", reason)
-            self._ot_study.tell(ot, value, state=state)
-        finally:
-            self._completed_trials.add(trial_id)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                          error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-            return
-        states = optuna.trial.TrialState
-        if error:
-            self._end(trial_id, states.FAIL, "failed", "the trial raised (see trials.csv)")
-            return
-        if result and not result.get("pruned_reason") and result.get("trial_finished", False) and \
-                math.isfinite(float(result.get(self.metric, float("nan")))):
-            self.on_trial_result(trial_id, result)
-            self._end(trial_id, states.COMPLETE, "completed", "", float(result[self.metric]))
-            return
-        if result:
-            self.on_trial_result(trial_id, result)  # the last result comes only with completion
-        reason = (result or {}).get("pruned_reason") or asha_reason((result or {}).get("epoch"))
-        self._end(trial_id, states.PRUNED, "pruned", str(reason))
-
-
-def asha_reason(epoch: Any) -> str:
-    """The reason trials.csv and the study give for a trial ASHA stopped."""
-    return f"ASHA stopped it at epoch {epoch} (below its rung's cutoff)"
-
-
-def make_sampler(seed: int) -> optuna.samplers.TPESampler:
-    """Optuna's TPE sampler, seeded, with the constant liar on.
-
-    Several trials run at once: with ``constant_liar`` Optuna treats the running trials as bad
-    results while it samples, so concurrent trials are not proposed next to each other. Passed
-    explicitly: its default has changed between Optuna versions (False before 5.0, True since), and
-    the behaviour of a parallel search should not depend on which one is installed.
-    """
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
 # ------------------------------------------------------------------------ ASHA that survives resume
@@ -833,20 +680,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"live view:   python -m leuk_ray.dashboard {files.uri}")
     print(f"next:        python -m leuk_ray.final --from {files.uri}")
     return 0
-
-
-def write_optuna_trials(files: cluster.RunFiles, cfg: Config) -> bool:
-    """``optuna_trials.csv`` in the run's (local) files: the study as Optuna holds it, each trial's
-    state (COMPLETE, PRUNED or FAIL), value, parameters and user attributes. False when the
-    study has no trial (none was ever proposed)."""
-    try:
-        study = optuna.load_study(study_name=files.name, storage=open_storage(study_url(cfg, files)))
-    except KeyError:  # no such study: a search from before studies were kept
-        return False
-    if not study.trials:
-        return False
-    study.trials_dataframe().to_csv(files.local / "optuna_trials.csv", index=False)
-    return True
 
 
 if __name__ == "__main__":

@@ -28,14 +28,14 @@ PLOTS = ("history.png", "curves.png", "importance.png", "slices.png")
 
 def load_search_study(files: cluster.RunFiles) -> tuple[optuna.Study, Any]:
     """The study of the search in ``files`` and the search's config."""
-    from leuk_ray.search import STUDY_FILE, open_storage, study_url
+    from leuk_ray.study import STUDY_FILE, open_storage, study_path, study_url
 
     if not files.pull("config.yaml"):
         raise UserError(f"{files.uri}: not a search directory (no config.yaml)")
     files.pull(STUDY_FILE)
     cfg, _ = config_from_yaml_with_extras(files.local / "config.yaml")
     url = study_url(cfg, files)
-    if not cfg.search.storage and not (files.local / STUDY_FILE).exists():
+    if not cfg.search.storage and not study_path(files).exists():
         raise UserError(f"{files.uri}: no {STUDY_FILE} (the search has not proposed a trial yet, or "
                         "it was made before leuk-ray kept its study)")
     try:

@@ -44,7 +44,8 @@ def trial_fn(params: dict[str, Any], *, base: Config, prepared: PreparedData, fo
     # best_weights=False: a trial is scored on its folds' metrics, and final retrains the best
     # config; its fold checkpoints keep only what resuming the trial needs
     trainer = make_trainer(cfg, prepared, storage_path=folds_path, name=trial_id,
-                           callbacks=[TuneReportCallback()], best_weights=False)
+                           callbacks=[TuneReportCallback()], best_weights=False,
+                           epoch_lines=False, label=f"[trial {trial_id}] ")
     try:
         result = fit_or_explain(trainer, cfg)
         raise_user_error(result.metrics)  # a fold's user error fails this trial, without retries

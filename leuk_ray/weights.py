@@ -228,8 +228,12 @@ def _prepare_local(mcfg: ModelConfig) -> tuple[WeightsInfo, Path]:
     else:
         path = Path(spec).expanduser()
         sd, arch = read_state_dict(path)
-        _check_arch(str(path), arch or mcfg.pretrained_arch, mcfg, stated_in_file=bool(arch))
         source, label = "file", str(path)
+        if not (arch or mcfg.pretrained_arch):
+            # nothing says which model made them: weights that do not even fit by name and shape
+            # are told so, before the ambiguity of same-shaped twins (tf_X and X) is raised
+            sd = _fit_backbone(sd, own, target, label)
+        _check_arch(str(path), arch or mcfg.pretrained_arch, mcfg, stated_in_file=bool(arch))
     sd = _fit_backbone(sd, own, target, label)
     digest = sha256_file(path)
     info = WeightsInfo(_base(name), source, path.name, digest)

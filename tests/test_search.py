@@ -229,7 +229,7 @@ def test_fold_checkpoints_of_pruned_and_failed_trials_are_dropped_after_they_end
 
 def test_sampler_sets_constant_liar_explicitly():
     """Issue 14.11: parallel trials must not depend on Optuna's default (changed in Optuna 5)."""
-    from leuk_ray.search import make_sampler
+    from leuk_ray.study import make_sampler
 
     assert make_sampler(3)._constant_liar is True  # noqa: SLF001
 

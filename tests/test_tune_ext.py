@@ -24,9 +24,9 @@ from ray.tune.experiment import Trial  # noqa: E402
 
 from leuk_ray.cluster import RunFiles  # noqa: E402
 from leuk_ray.search import (  # noqa: E402
-    ASHA_STATE_FILE, PRUNED_FILE, FollowingFIFO, PruneAwareOptunaSearch, ResumableASHA, SearchProgress,
-    write_optuna_trials,
+    ASHA_STATE_FILE, PRUNED_FILE, FollowingFIFO, ResumableASHA, SearchProgress,
 )
+from leuk_ray.study import PruneAwareOptunaSearch, write_optuna_trials  # noqa: E402
 
 M = "mean_val_f1"
 
@@ -192,7 +192,7 @@ def test_progress_uploads_trials_csv_through_a_remote_filesystem(tmp_path):
 def _searcher(url: str | None = None, name: str = "s") -> PruneAwareOptunaSearch:
     from optuna.distributions import FloatDistribution
 
-    from leuk_ray.search import make_sampler
+    from leuk_ray.study import make_sampler
 
     return PruneAwareOptunaSearch(space={"train/lr": FloatDistribution(1e-7, 1e-2, log=True)},
                                   metric=M, mode="max", sampler=make_sampler(0),
@@ -235,14 +235,16 @@ def test_study_db_and_optuna_trials_csv(tmp_path, uri):
     import optuna
 
     from leuk_ray.config import Config
-    from leuk_ray.search import STUDY_FILE, study_url
+    from leuk_ray.study import STUDY_FILE, study_url
 
     exp = tmp_path / "results" / "s"
     exp.mkdir(parents=True)
     files = RunFiles.from_path(f"file://{exp}" if uri else str(exp))
     assert files.remote is uri
     url = study_url(Config(), files)
-    assert url == f"sqlite:///{files.local / STUDY_FILE}"
+    # file:// is a local filesystem to Tune: its trials write the run directory itself, and the
+    # study is kept there too (not in the driver's mirror, which nothing would upload)
+    assert url == f"sqlite:///{exp / STUDY_FILE}"
     s = _searcher(url, name=files.name)
     s.suggest("a")
     s.on_trial_result("a", _result(1, 0.2))
@@ -288,6 +290,100 @@ def test_restored_searcher_follows_a_moved_study(tmp_path):
     assert not old.exists()
     (t,) = optuna.load_study(study_name="s", storage=f"sqlite:///{new / 'study.db'}").trials
     assert t.state.name == "COMPLETE" and t.value == 0.6
+
+
+def test_trial_the_study_ended_after_the_last_save_is_not_told_again(tmp_path):
+    """The study is written as trials end, the searcher's state only with Tune's experiment
+    checkpoint: a driver killed in between restores a searcher that thinks a trial still runs.
+    Tune reruns it (its folds are finished) and reports it complete again; telling the study
+    raised UpdateFinishedTrialError and ended the resumed search (CI, test_faults)."""
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    s = _searcher(url)
+    s.suggest("a")
+    s.on_trial_result("a", _result(2, 0.4))
+    s.save(str(tmp_path / "searcher.pkl"))  # Tune's last experiment checkpoint
+    s.on_trial_complete("a", _result(2, 0.4))  # ASHA stops it; then the driver is killed
+    r = PruneAwareOptunaSearch()
+    r.restore(str(tmp_path / "searcher.pkl"))
+    r.on_trial_result("a", _result(3, 0.9))
+    r.on_trial_complete("a", _result(3, 0.9, finished=True))  # the rerun finds it finished
+    (t,) = optuna.load_study(study_name="s", storage=url).trials
+    assert t.state.name == "PRUNED" and t.intermediate_values == {2: 0.4}
+
+
+def test_searcher_pickled_in_tuner_pkl_unpickles_after_a_move(tmp_path):
+    """Tune pickles the searcher whole into tuner.pkl; an RDBStorage in it reconnected to the old
+    study.db path on unpickling, which fails once the directory was moved (test_search's moved
+    URI). The pickle holds no connection: it reopens the study where the search is now."""
+    import optuna
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    s = _searcher(f"sqlite:///{old / 'study.db'}")
+    s.suggest("a")
+    blob = pickle.dumps(s)
+    shutil.move(str(old), str(new))
+    PruneAwareOptunaSearch.resume_url = f"sqlite:///{new / 'study.db'}"
+    try:
+        r = pickle.loads(blob)
+    finally:
+        PruneAwareOptunaSearch.resume_url = None
+    r.on_trial_complete("a", _result(3, 0.6, finished=True))
+    assert not old.exists()
+    (t,) = optuna.load_study(study_name="s", storage=f"sqlite:///{new / 'study.db'}").trials
+    assert t.state.name == "COMPLETE"
+
+
+def test_copy_without_its_study_is_one_clear_line(tmp_path):
+    """tuner.pkl goes through Ray's cloudpickle, which copies classes of ``__main__`` (the search
+    command) by value, so the searcher lives outside it and ``resume_url`` reaches the unpickled
+    one. A copy made without study.db is told so, and no empty study.db is left in its place."""
+    from ray import cloudpickle
+
+    from leuk_ray.errors import UserError
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    s = _searcher(f"sqlite:///{old / 'study.db'}")
+    s.suggest("a")
+    blob = cloudpickle.dumps(s)
+    new.mkdir()
+    PruneAwareOptunaSearch.resume_url = f"sqlite:///{new / 'study.db'}"
+    try:
+        with pytest.raises(UserError, match=r"no study 's' in sqlite:///.*new/study\.db.*copy it"):
+            cloudpickle.loads(blob)
+    finally:
+        PruneAwareOptunaSearch.resume_url = None
+    assert not (new / "study.db").exists()
+
+
+def test_trial_proposed_after_the_last_save_is_proposed_again(tmp_path):
+    """A trial the study recorded as proposed after Tune's last searcher checkpoint was never
+    known to Tune: on resume it is marked FAIL ("lost") and its parameters come next, so a
+    ``first:`` point is not skipped (test_faults: the exploding point was lost)."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from leuk_ray.study import make_sampler
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    s = PruneAwareOptunaSearch(space={"train/lr": FloatDistribution(1e-7, 20.0, log=True)},
+                               metric=M, mode="max", sampler=make_sampler(0), study_name="s",
+                               storage_url=url,
+                               points_to_evaluate=[{"train/lr": 1e-3}, {"train/lr": 10.0}])
+    assert s.suggest("a") == {"train": {"lr": 1e-3}}
+    s.on_trial_complete("a", _result(3, 0.6, finished=True))
+    s.save(str(tmp_path / "searcher.pkl"))
+    s.suggest("b")  # the second point, proposed; then the driver is killed
+    r = pickle.loads(pickle.dumps(s))  # tuner.pkl's copy is older still; any copy will do
+    r.restore(str(tmp_path / "searcher.pkl"))
+    assert r.suggest("c") == {"train": {"lr": 10.0}}
+    study = optuna.load_study(study_name="s", storage=url)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "RUNNING"]
+    assert study.trials[1].user_attrs["status"] == "lost"
+    assert study.trials[2].user_attrs["tune_trial_id"] == "c"
 
 
 def test_study_storage_key_is_checked_at_the_edge():

@@ -125,6 +125,18 @@ def test_weights_of_the_tf_twin_are_refused(tmp_path):
                                  pretrained_arch="efficientnet_lite0"))
 
 
+def test_unrelated_unstated_weights_are_told_they_do_not_fit(tmp_path):
+    """Review of issue 13: weights of another model, with no architecture recorded, on a backbone
+    that has a same-shaped twin were told to set model.pretrained_arch (which cannot help); the
+    name/shape mismatch is what is wrong with them."""
+    other = tmp_path / "resnet.safetensors"
+    save_file(_random_state("resnet18", num_classes=0), str(other))
+    with pytest.raises(UserError, match=r"resnet.safetensors: weights do not match backbone "
+                                        r"efficientnet_lite0: .*missing") as e:
+        create_model(ModelConfig(backbone="efficientnet_lite0", pretrained_path=str(other)))
+    assert "pretrained_arch" not in str(e.value)
+
+
 def test_a_leuk_ray_checkpoint_states_its_backbone(tmp_path):
     """train.py's fold files hold {"model", "config"}: the config's backbone is the architecture."""
     src = create_model(ModelConfig(backbone=LITE0, pretrained=False))
