@@ -500,7 +500,7 @@ class ServeConfig:
                                  range=(0.0, 64.0))
     cpus_per_replica: float = _f(1.0, "CPUs per replica (its torch threads)", range=(0.0, 1024.0),
                                  open=(0.0,))
-    max_batch: int = _f(0, "images per forward pass, gathered across requests (0 = 128 on a GPU, "
+    max_batch: int = _f(0, "images per forward pass, gathered across requests (0 = 64 on a GPU, "
                         "16 on CPU)", range=(0, 65536))
     batch_wait_ms: float = _f(5.0, "how long a batch waits for more images, ms",
                               range=(0.0, 60000.0))

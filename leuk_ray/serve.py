@@ -287,11 +287,15 @@ class EnsembleService:
         return out  # type: ignore[return-value]
 
 
-def build_app(args: dict[str, Any] | None = None, *,
-              where: str = "serve.yaml args") -> serve.Application:
+def build_app(args: dict[str, Any]) -> serve.Application:
     """The Serve application for a ``ServeConfig`` mapping: what ``serve.yaml``'s
-    ``import_path: leuk_ray.serve:build_app`` builds (with its ``args``) and what the command line
-    runs."""
+    ``import_path: leuk_ray.serve:build_app`` builds with its ``args``. Ray Serve calls an
+    application builder with exactly one argument, so the command line goes through
+    ``_build_app`` to name where its settings came from."""
+    return _build_app(args, where="serve.yaml args")
+
+
+def _build_app(args: dict[str, Any] | None, *, where: str) -> serve.Application:
     sc = serve_config(args, where=where)
     actor: dict[str, Any] = {"num_cpus": sc.cpus_per_replica}
     if sc.gpus_per_replica > 0:
@@ -361,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "reach this address can use it", file=sys.stderr)
     serve.start(http_options={"host": args.host, "port": args.port})
     t0 = time.perf_counter()
-    serve.run(build_app(asdict(sc), where="command line"), name=APP_NAME, route_prefix="/")
+    serve.run(_build_app(asdict(sc), where="command line"), name=APP_NAME, route_prefix="/")
     print(f"serving {sc.model} ({sc.replicas} replica(s), ready in "
           f"{time.perf_counter() - t0:.0f} s) on http://{args.host}:{args.port}: POST /predict "
           f"(multipart field '{FIELD}'), GET /healthz; Ctrl-C stops it", flush=True)
