@@ -20,6 +20,10 @@ COLOR_ENV = "RAY_COLOR_PREFIX"
 # its older reporter is silent at verbose=0
 TUNE_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
 QUIET_LOGGERS = ("ray", "optuna", "filelock")
+# Tune logs every failed trial's traceback at ERROR (and "Trials did not complete" at the end);
+# the story already has a line per failed trial with its reason, the traceback is in the trial's
+# error.txt in the experiment folder
+SILENT_LOGGERS = ("ray.tune",)
 
 _verbose: bool | None = None  # None: setup was not called (a library use): Ray as it comes
 
@@ -36,6 +40,8 @@ def setup(verbose: bool) -> None:
     os.environ.setdefault(TUNE_OUTPUT_ENV, "0")
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name in SILENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     if "optuna" in sys.modules:  # optuna resets its logger's level the first time it logs
         import optuna
 

@@ -15,3 +15,19 @@ class NonFiniteLossError(RuntimeError):
 
     Not a ``UserError``: a search turns it into a pruned trial with this message as its reason.
     """
+
+
+def user_error_in(exc: BaseException | None) -> UserError | None:
+    """The ``UserError`` behind ``exc``, looked for through Ray's wrappers (a ``RayTaskError``
+    keeps the remote exception as ``.cause``) and Python's ``__cause__``/``__context__`` chain;
+    None when the failure was not the user's."""
+    seen: set[int] = set()
+    found: UserError | None = None
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, UserError):
+            found = exc
+            if type(exc).__module__.startswith("leuk_ray"):  # ours, not Ray's dual class
+                return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return found

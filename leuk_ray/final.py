@@ -35,8 +35,8 @@ from leuk_ray import cluster, console
 from leuk_ray.artifact import build_ensemble, leuk_ray_version, save_artifact
 from leuk_ray.calibration import Calibration, fit_calibration
 from leuk_ray.cli import common_parser, run_main
-from leuk_ray.config import (SMOKE_MODEL, Config, config_from_yaml_with_extras, from_dict,
-                             load_config, set_value, to_dict)
+from leuk_ray.config import (SMOKE_CAPS, SMOKE_MODEL, Config, config_from_yaml_with_extras,
+                             from_dict, load_config, set_value, to_dict)
 from leuk_ray.data import PreparedData, prepare_data
 from leuk_ray.data.dataset import frame_dataset
 from leuk_ray.data.transforms import Preprocessing, eval_transform
@@ -45,7 +45,7 @@ from leuk_ray.errors import UserError
 from leuk_ray.fold_trainer import VAL_ROWS, ValidationRows, fold_file, run_folds
 from leuk_ray.metrics import bootstrap_ci, classification_metrics
 from leuk_ray.report import write_report
-from leuk_ray.weights import check_weights
+from leuk_ray.weights import WeightsInfo, check_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +113,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
         raise UserError("--preset with --from/--config: choose one source of the config")
     if cfg.final.epochs:
         set_value(cfg, "train.epochs", cfg.final.epochs, where="final.epochs")
+        if args.smoke_test:  # --smoke-test caps what final.epochs asks for too
+            set_value(cfg, "train.epochs", min(cfg.final.epochs, SMOKE_CAPS["train.epochs"]),
+                      where="--smoke-test")
     if args.tta is not None:
         set_value(cfg, "final.tta", args.tta, where="--tta")
     if not cfg.data.root and not getattr(args, "compare", None):
@@ -123,14 +126,23 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
 # the config sections that determine the trained fold weights; final.* (TTA, calibration, out),
 # ray.* (resources) and search.* do not, so changing them keeps the run name and its checkpoints
 WEIGHT_SECTIONS = ("data", "model", "train")
+# ...and within them, keys that say how the training runs on this machine, not what it trains: a
+# rerun after a crash with another cache budget, thread count or device resumes the same folds
+RUN_ONLY_KEYS = ("data.cache", "data.cache_mb", "data.num_workers", "data.max_bad_fraction",
+                 "train.threads", "train.device")
 
 
-def _run_name(cfg: Config, prepared: PreparedData) -> str:
-    """Same weights-determining config and same folds -> same name -> a rerun resumes the folds
-    from their checkpoints instead of starting over."""
+def _run_name(cfg: Config, prepared: PreparedData, weights: WeightsInfo) -> str:
+    """Same weights-determining config, same starting weights (by content: the file's sha256, so
+    new weights at the same path train anew) and same folds -> same name -> a rerun resumes the
+    folds from their checkpoints instead of starting over."""
     d = to_dict(cfg)
-    h = hashlib.sha256(json.dumps({k: d[k] for k in WEIGHT_SECTIONS}, sort_keys=True,
-                                  default=str).encode())
+    kept = {k: dict(d[k]) for k in WEIGHT_SECTIONS}
+    for key in RUN_ONLY_KEYS:
+        section, field = key.split(".")
+        kept[section].pop(field)
+    kept["weights"] = weights.to_dict()
+    h = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode())
     for r in prepared.train.itertuples():
         h.update(f"{r.path}|{r.fold}\n".encode())
     return f"final-{h.hexdigest()[:12]}"
@@ -344,7 +356,8 @@ def build_final(cfg: Config, prepared: PreparedData, files: cluster.RunFiles,
                 *, label: str = "", smoke: bool = False) -> dict[str, Any]:
     """Train the folds, calibrate on OOF, evaluate, write the artifact; returns its metrics."""
     runs = f"{files.storage}/.{files.name}.runs"  # fold checkpoints: a rerun resumes from them
-    name = _run_name(cfg, prepared)
+    weights = check_weights(cfg.model)  # what the backbones start from (and the run name's part)
+    name = _run_name(cfg, prepared, weights)
     print(f"{label}training {prepared.n_folds} fold models in parallel (run {runs}/{name})",
           flush=True)
     outcome = run_folds(cfg, prepared, storage_path=runs, name=name)
@@ -382,8 +395,7 @@ def build_final(cfg: Config, prepared: PreparedData, files: cluster.RunFiles,
         if test_metrics:
             row["test_f1"] = test_metrics["folds"][i]["f1"]
         fold_scores.append(row)
-    weights = check_weights(cfg.model).to_dict()  # what the backbones started from
-    model = describe_model(cfg, prepared, oof, smoke=smoke, weights=weights)
+    model = describe_model(cfg, prepared, oof, smoke=smoke, weights=weights.to_dict())
     calibration = {"plain": cal.to_dict(),
                    "tta": None if tta_cal is None else tta_cal.to_dict()}
     metrics = {"threshold": cal.threshold, "calibration": calibration, "oof": oof_metrics,

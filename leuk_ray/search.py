@@ -36,7 +36,7 @@ from leuk_ray import cluster, console
 from leuk_ray.cli import common_parser, config_from_args, run_main
 from leuk_ray.config import Config, config_from_yaml_with_extras, save_config, set_value
 from leuk_ray.data import PreparedData, prepare_data
-from leuk_ray.errors import UserError
+from leuk_ray.errors import UserError, user_error_in
 from leuk_ray.fold_trainer import SCORE
 from leuk_ray.search_space import SearchSpace, apply_params, load_space
 from leuk_ray.study import (
@@ -659,6 +659,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"--storage-path {files.storage}", flush=True)
         return 130
     if best is None:
+        mistakes = [user_error_in(r.error) for r in results if r.error is not None]
+        if mistakes and all(mistakes):  # every trial stopped on the user's mistake: say it once
+            first = str(mistakes[0]).strip().splitlines()[0]
+            raise UserError(f"every trial failed ({len(mistakes)}; reasons in "
+                            f"{files.uri}/trials.csv), the first with: {first}")
         print(f"no trial completed; see {files.uri}/trials.csv", flush=True)
         return 1
     best_cfg = apply_params(cfg, {k: best[k] for k in space.keys})

@@ -130,22 +130,46 @@ def test_final_preset_compared_with_a_search_on_the_same_folds(ray_data, tmp_pat
 
 # ------------------------------------------------------------------ fast checks (no Ray started)
 def test_run_name_hashes_only_what_determines_the_weights(synth_root):
-    """Issue 14.9: rerunning final after a crash with another TTA/calibration setting or GPU share
-    must resume the same fold checkpoints; a training change must not."""
+    """Issue 14.9: rerunning final after a crash with another TTA/calibration setting, GPU share,
+    cache budget or thread count must resume the same fold checkpoints; a training change must
+    not. Issue 13: nor may other starting weights (another file's bytes at the same path)."""
     from leuk_ray.config import load_config
     from leuk_ray.data import prepare_data
     from leuk_ray.final import _run_name
+    from leuk_ray.weights import WeightsInfo
 
+    none = WeightsInfo("test_efficientnet", "none")
     cfg = load_config(None, [f"data.root={synth_root}"], smoke=True)
     prepared = prepare_data(cfg.data)
-    name = _run_name(cfg, prepared)
+    name = _run_name(cfg, prepared, none)
     same = load_config(None, [f"data.root={synth_root}", "final.tta=false", "final.calibrate=false",
                               "ray.gpus_per_worker=0.5", "ray.cpus_per_worker=2",
-                              "search.num_samples=3", "final.out=/elsewhere"], smoke=True)
-    assert _run_name(same, prepared) == name
+                              "search.num_samples=3", "final.out=/elsewhere", "data.cache=off",
+                              "data.cache_mb=64", "data.num_workers=0", "train.threads=1",
+                              "train.device=cpu"], smoke=True)
+    assert _run_name(same, prepared, none) == name
     for change in ("train.lr=0.001", "model.dropout=0.3", "data.image_size=32"):
         other = load_config(None, [f"data.root={synth_root}", change], smoke=True)
-        assert _run_name(other, prepared) != name, change
+        assert _run_name(other, prepared, none) != name, change
+    a = WeightsInfo("tf_efficientnet_lite0", "file", "w.safetensors", "a" * 64)
+    b = WeightsInfo("tf_efficientnet_lite0", "file", "w.safetensors", "b" * 64)
+    assert _run_name(cfg, prepared, a) != _run_name(cfg, prepared, b) != name
+
+
+def test_smoke_test_caps_final_epochs(tmp_path):
+    """Issue 13.9: final.epochs was applied after the smoke layer and undid its epoch cap."""
+    from leuk_ray.config import SMOKE_CAPS
+    from leuk_ray.final import build_parser, resolve_config
+
+    args = build_parser().parse_args(["--data", str(tmp_path), "--set", "final.epochs=30",
+                                      "--smoke-test"])
+    cfg, _ = resolve_config(args)
+    assert cfg.train.epochs == SMOKE_CAPS["train.epochs"]
+    args = build_parser().parse_args(["--data", str(tmp_path), "--set", "final.epochs=3",
+                                      "--smoke-test"])
+    assert resolve_config(args)[0].train.epochs == 3                # a cap only shrinks
+    args = build_parser().parse_args(["--data", str(tmp_path), "--set", "final.epochs=30"])
+    assert resolve_config(args)[0].train.epochs == 30
 
 
 def _art(dest: Path) -> Path:

@@ -296,6 +296,29 @@ def test_search_with_a_boolean_choice_writes_a_typed_best_config(synth_root, tmp
 
 
 @pytest.mark.slow
+def test_a_mistake_every_trial_hits_in_its_workers_is_one_error_line(synth_root, tmp_path):
+    """Issue 13: a user error raised inside the fold workers (here a searched combination the
+    engine refuses: a Keras head's BatchNorm with one image per step) failed every trial and the
+    search ended with 'no trial completed' and exit 1. It is one error line and exit 2, and the
+    trials it ran are still in trials.csv."""
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  model.head: {type: choice, values: [keras]}\n"
+                     "  train.batch_size: {type: choice, values: [1]}\n")
+    storage = tmp_path / "results"
+    r = subprocess.run(search_cmd(synth_root, storage, "m1", space, "--num-samples", "2",
+                                  "--set", "train.epochs=2"),
+                       capture_output=True, text=True, cwd=ROOT, timeout=900,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert r.returncode == 2, r.stdout[-4000:] + r.stderr[-4000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: every trial failed (2; "), r.stderr
+    assert "train.batch_size = 1 with model.head = keras" in lines[0]
+    rows = csv_rows(storage / "m1" / "trials.csv")
+    assert [row["status"] for row in rows] == ["failed", "failed"], rows
+    assert "no trial completed" not in r.stdout
+
+
+@pytest.mark.slow
 def test_search_on_a_uri_resumes_after_the_experiment_moved(ray_data, tmp_path):
     """Issue 14.1/14.2: storage given as a URI (file://, the code path of s3://: a local mirror,
     uploads through pyarrow) and a resume from another location. The interrupted experiment is

@@ -56,6 +56,32 @@ def test_packaged_lite0_weights_are_imagenet_with_timms_preprocessing():
     assert info.file.startswith("efficientnet-lite0-") and len(info.sha256) == 64
 
 
+def test_packaged_lite0_names_photos_through_leuk_rays_own_preprocessing(tmp_path):
+    """The same photos through the path cells take (not timm's transforms): a file decoded and
+    resized by OpenCV with the backbone's interpolation (``read_image``, as the cache, predict and
+    serve decode), then normalised on the device with the mean/std resolved from timm's data
+    config (``to_model_input``). Cells are square, so the photo is squashed, not cropped."""
+    import cv2
+    from sklearn.datasets import load_sample_image
+
+    from leuk_ray.data.decode import read_image
+    from leuk_ray.data.transforms import resolve_preprocessing, to_model_input
+
+    prep = resolve_preprocessing(LITE0, 224)
+    assert (prep.mean, prep.std, prep.interpolation) == ((0.5,) * 3, (0.5,) * 3, "bicubic")
+    net, _ = create_backbone(lite0(), num_classes=1000)
+    net.eval()
+    top5 = {}
+    for name in ("flower.jpg", "china.jpg"):
+        path = tmp_path / name.replace(".jpg", ".png")
+        cv2.imwrite(str(path), cv2.cvtColor(load_sample_image(name), cv2.COLOR_RGB2BGR))
+        x = torch.from_numpy(read_image(path, prep.image_size, prep.interpolation))[None]
+        with torch.no_grad():
+            top5[name] = net(to_model_input(x, "cpu", prep=prep))[0].topk(5).indices.tolist()
+    assert top5["flower.jpg"][0] == DAISY, top5
+    assert {BELL_COTE, PALACE} & set(top5["china.jpg"]), top5
+
+
 def test_lite0_preset_builds_the_classifier_from_the_packaged_weights():
     cfg = load_config(None, preset="lite0")
     assert cfg.model.backbone == LITE0 and cfg.model.pretrained_path == PACKAGE
