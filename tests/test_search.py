@@ -296,6 +296,37 @@ def test_search_with_a_boolean_choice_writes_a_typed_best_config(synth_root, tmp
 
 
 @pytest.mark.slow
+def test_reproducible_searches_choose_the_same_best_trial_with_the_same_score(ray_data, tmp_path):
+    """Issue 15: with search.reproducible=true (one trial at a time, deterministic kernels; it
+    overrides the max_concurrent asked for) two runs of one command agree trial by trial: the
+    same parameters, the same ASHA decisions, the same scores, so the same winner."""
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    storage = tmp_path / "results"
+    runs = {}
+    for name in ("r1", "r2"):
+        r = subprocess.run(search_cmd(ray_data, storage, name, space, "--num-samples", "4",
+                                      "--set", "train.epochs=4", "--set", "search.seed=3",
+                                      "--set", "search.reproducible=true",
+                                      "--set", "search.max_concurrent=2"),
+                           capture_output=True, text=True, cwd=ROOT, timeout=900,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+        cfg = yaml.safe_load((storage / name / "config.yaml").read_text())
+        assert cfg["search"]["max_concurrent"] == 1
+        assert str(cfg["train"]["deterministic"]).lower() == "true"
+        keys = ("train.lr", "train.focal_gamma", "train.label_smoothing", "model.dropout",
+                "status", "epochs", "mean_val_f1")
+        rows = csv_rows(storage / name / "trials.csv")
+        runs[name] = ([tuple(row[k] for k in keys) for row in rows],
+                      yaml.safe_load((storage / name / "best_config.yaml").read_text()))
+    (rows1, best1), (rows2, best2) = runs["r1"], runs["r2"]
+    assert len(rows1) == 4 and rows1 == rows2
+    assert best1["cv_score"] == best2["cv_score"] and best1["train"] == best2["train"]
+    assert best1["model"] == best2["model"]
+
+
+@pytest.mark.slow
 def test_a_mistake_every_trial_hits_in_its_workers_is_one_error_line(synth_root, tmp_path):
     """Issue 13: a user error raised inside the fold workers (here a searched combination the
     engine refuses: a Keras head's BatchNorm with one image per step) failed every trial and the
