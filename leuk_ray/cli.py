@@ -15,7 +15,11 @@ from leuk_ray.errors import NonFiniteLossError, UserError
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # a help text that already says its default (one that comes from the config) keeps it
+        # alone, instead of gaining a second "(default: None)"
+        text = action.help or ""
+        return text if "(default:" in text else super()._get_help_string(action)
 
 
 def common_parser(prog: str, description: str, *, data: bool = True, out: bool = True,

@@ -130,6 +130,8 @@ def _summarise(rows: list[dict[str, Any]], total_epochs: int) -> dict[str, Any]:
         out[f"fold_{i}_val_f1"] = r["best_val_f1"]
         out[f"fold_{i}_val_f1_last"] = r["val_f1"]
         out[f"fold_{i}_val_loss"] = r["val_loss"]
+        out[f"fold_{i}_train_loss"] = r.get("train_loss", float("nan"))
+        out[f"fold_{i}_lr"] = r.get("lr", float("nan"))
         out[f"fold_{i}_epoch"] = r["epoch"]
         out[f"fold_{i}_best_epoch"] = r["best_epoch"]
         out[f"fold_{i}_node"] = r["node"]
@@ -303,6 +305,8 @@ def _train_fold(loop_config: dict[str, Any]) -> None:
             "epoch": run.epoch,
             "val_f1": float(last.get("val_f1", 0.0)),
             "val_loss": float(last.get("val_loss", float("nan"))),
+            "train_loss": float(last.get("train_loss", float("nan"))),
+            "lr": float(last.get("lr", float("nan"))),
             "best_val_f1": float(run.best_val_f1 or 0.0),
             "best_epoch": int(run.best_epoch),
             "done": bool(run.done),

@@ -35,6 +35,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from leuk_ray import cluster, console
 from leuk_ray.cli import common_parser, config_from_args, run_main
 from leuk_ray.config import Config, config_from_yaml_with_extras, save_config, set_value
+from leuk_ray.curves import CurvesLogger
 from leuk_ray.data import PreparedData, prepare_data
 from leuk_ray.errors import UserError, user_error_in
 from leuk_ray.fold_trainer import SCORE
@@ -626,7 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(name=name, storage_path=files.storage,
                                       callbacks=[SearchProgress(space.keys, cfg.train.epochs,
-                                                                num_samples)],
+                                                                num_samples), CurvesLogger()],
                                       # a trial whose driver was lost (its node, an OOM kill)
                                       # restarts and resumes its folds' checkpoints; a trial that
                                       # failed for good fails again at once (trial.FAILED_FILE)
@@ -682,6 +683,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if dashboard:
         print(f"dashboard:   {dashboard} (Jobs and Actors pages; runs as long as this Ray does)")
     print(f"report:      {files.uri}/search_report.md")
+    if files.remote:
+        print(f"curves:      TensorBoard files in each trial folder under {files.uri} (copy them "
+              "here, then tensorboard --logdir DIR)")
+    else:
+        print(f"curves:      tensorboard --logdir {files.uri}")
     print(f"live view:   python -m leuk_ray.dashboard {files.uri}")
     print(f"next:        python -m leuk_ray.final --from {files.uri}")
     return 0

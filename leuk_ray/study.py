@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,13 @@ class PruneAwareOptunaSearch(OptunaSearch):
             kwargs["storage"] = open_storage(storage_url)
         super().__init__(*args, **kwargs)
         self._storage_url = storage_url
+
+    def _setup_study(self, mode: Any) -> None:
+        super()._setup_study(mode)
+        if self._metric and not self._ot_study.metric_names:  # "mean_val_f1", not "Objective 0"
+            with warnings.catch_warnings():  # set_metric_names is marked experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._ot_study.set_metric_names([self._metric])
 
     # Tune pickles this searcher twice: whole, inside tuner.pkl, and through save() into its
     # searcher-state file. Neither holds the study (it is in its database) nor a connection to it:

@@ -46,7 +46,7 @@ def _ended(path: Path) -> int:
 # what a search prints (our lines, one prefix each): anything else on its console is a library's
 OURS = ("search '", "data:", "Ray:", "resuming", "[trial ", "status:", "warning:", "note:", "4 trials",
         "3 trials", "best trial", "  train.", "results:", "trials:", "best config:", "dashboard:",
-        "report:", "live view:", "next:", "search interrupted")
+        "report:", "curves:", "live view:", "next:", "search interrupted")
 
 
 def top_id(rows: list[dict]) -> str:
@@ -84,6 +84,23 @@ def check_dashboard(exp: Path, n_trials: int) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def check_tensorboard(exp: Path, rows: list[dict]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    expected = {f"fold_{i}/{c}" for i in (0, 1) for c in ("train_loss", "val_loss", "val_f1", "lr")}
+    expected |= {"mean/val_f1_best", "mean/val_f1", "mean/val_loss"}
+    for row in rows:
+        (trial_dir,) = [d for d in exp.glob(f"trial_fn_{row['trial_id']}_*") if d.is_dir()]
+        steps: dict[str, set[int]] = {}
+        for events in sorted(trial_dir.glob("events.out.tfevents.*")):  # one file per run of it
+            acc = EventAccumulator(str(events))
+            acc.Reload()
+            for tag in acc.Tags()["scalars"]:
+                steps.setdefault(tag, set()).update(e.step for e in acc.Scalars(tag))
+        assert set(steps) == expected, (row["trial_id"], sorted(steps))
+        assert steps["mean/val_f1_best"] == set(range(1, int(row["epochs"]) + 1)), steps
 
 
 @pytest.mark.slow
@@ -183,6 +200,10 @@ def test_search_prunes_resumes_and_writes_results(ray_data, tmp_path):
     assert all(line.startswith(OURS) for line in out.splitlines() if line.strip()), out[-3000:]
     # the live view: optuna-dashboard on loopback answers with this study and its trials
     check_dashboard(exp, n_trials=3)
+    # TensorBoard: one command printed; each trial's event files hold its training curves at the
+    # absolute epoch (continued across the resume), and nothing that is not a training curve
+    assert r.stdout.count("tensorboard --logdir") == 1
+    check_tensorboard(exp, rows)
     # best_config.yaml: the full resolved config of the best completed trial plus its CV score
     best = yaml.safe_load((exp / "best_config.yaml").read_text())
     done = [x for x in rows if x["status"] == "completed"]

@@ -259,6 +259,7 @@ def test_study_db_and_optuna_trials_csv(tmp_path, uri):
     assert [t.state.name for t in (a, b, c)] == ["PRUNED", "COMPLETE", "FAIL"]
     assert a.intermediate_values == {1: 0.2, 2: 0.3} and a.value == 0.3
     assert b.value == 0.8 and c.value is None
+    assert study.metric_names == [M]  # the dashboard's axis says mean_val_f1, not "Objective 0"
     assert a.user_attrs["tune_trial_id"] == "a" and a.user_attrs["status"] == "pruned"
     assert a.user_attrs["reason"].startswith("ASHA stopped it at epoch 2")
     assert b.user_attrs["epochs"] == 6 and b.user_attrs["fold_val_f1"] == [0.8, 0.8]
@@ -413,3 +414,22 @@ def test_run_files_from_tune_storage(tmp_path):
     assert files.remote and files.newest("*.txt") == "x.txt" and files.pull("x.txt") == ["x.txt"]
     assert (files.local / "x.txt").read_text() == "remote"
     assert Path(files.local) != tmp_path / "s"
+
+
+def test_tensorboard_curves_are_the_training_curves_only():
+    """Issue 15: Tune's default TensorBoard logger wrote every number of a report (timestamps,
+    node ids, timers); CurvesLogger writes per-fold losses, F1 and learning rate and the means."""
+    from leuk_ray.curves import CurvesLogger, curves
+
+    result = {**_result(3, 0.7), "mean_val_f1_last": 0.65, "mean_val_loss": 0.4, "timestamp": 1e9,
+              "report_ts": 1.7e9, "fold_0_node": "abc", "time_this_iter_s": 2.0,
+              "fold_0_train_loss": 0.5, "fold_0_val_loss": 0.45, "fold_0_val_f1_last": 0.6,
+              "fold_0_lr": 1e-3, "fold_1_train_loss": 0.55, "fold_1_val_loss": float("nan"),
+              "fold_1_val_f1_last": 0.7, "fold_1_lr": 1e-3, "trial_finished": True}
+    tags = curves(result)
+    assert tags == {"mean/val_f1_best": 0.7, "mean/val_f1": 0.65, "mean/val_loss": 0.4,
+                    "fold_0/train_loss": 0.5, "fold_0/val_loss": 0.45, "fold_0/val_f1": 0.6,
+                    "fold_0/lr": 1e-3, "fold_1/train_loss": 0.55, "fold_1/val_f1": 0.7,
+                    "fold_1/lr": 1e-3}  # a NaN is left out, not written
+    from ray.tune.logger import TBXLoggerCallback
+    assert issubclass(CurvesLogger, TBXLoggerCallback)  # so Tune adds no logger of its own
