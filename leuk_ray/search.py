@@ -12,12 +12,8 @@ end), ``best_config.yaml``, ``config.yaml`` (the base config), ``space.yaml``, `
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
-import json
-import math
 import os
-import pickle
 import shutil
 import tempfile
 import time
@@ -26,11 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 import ray
 from ray import tune
-from ray.tune.experiment import Trial
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from leuk_ray import cluster, console
 from leuk_ray.cli import common_parser, config_from_args, run_main
@@ -39,391 +32,17 @@ from leuk_ray.curves import CurvesLogger
 from leuk_ray.data import PreparedData, prepare_data
 from leuk_ray.errors import UserError, user_error_in
 from leuk_ray.fold_trainer import SCORE
+from leuk_ray.results import (DROPPED_STATUSES, SearchProgress, best_row, drop_fold_checkpoints,
+                              result_row)
 from leuk_ray.search_space import SearchSpace, apply_params, load_space
-from leuk_ray.study import (
-    STUDY_FILE, PruneAwareOptunaSearch, asha_reason, make_sampler, open_storage, study_url,
-    write_optuna_trials,
-)
+from leuk_ray.study import (STUDY_FILE, PruneAwareOptunaSearch, make_sampler, open_storage,
+                            study_url, write_optuna_trials)
 from leuk_ray.trial import trial_fn
+from leuk_ray.tune_ext import PRUNED_FILE, FollowingFIFO, ResumableASHA, read_pruned
 from leuk_ray.weights import check_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOKE_SPACE = "search_spaces/smoke.yaml"
-# Not .json/.pkl: on restore Tune copies every .json/.pkl of the experiment into its staging dir and
-# later uploads them back, which would overwrite these with the copies from restore time.
-PRUNED_FILE = "pruned_trials.yaml"
-ASHA_STATE_FILE = "asha_state.pickle"
-
-
-# ------------------------------------------------------------------------ ASHA that survives resume
-def experiment_files(trial: Any) -> cluster.RunFiles:
-    """The experiment's own files where Tune has the experiment now.
-
-    Resolved at run time from the trial's storage (Tune's ``StorageContext``, which
-    ``Tuner.restore`` points at the directory it restored from), never from paths pickled when the
-    search started: a search resumed on another machine, from a copied or moved experiment
-    directory, or from s3:// writes beside its experiment, not where it first ran.
-    """
-    return cluster.RunFiles.from_fs(trial.storage.storage_filesystem,
-                                    trial.storage.experiment_fs_path)
-
-
-def _scalars(result: dict) -> dict[str, Any]:
-    return {k: v for k, v in result.items()
-            if v is None or isinstance(v, (bool, int, float, str))}
-
-
-class FollowsExperiment:
-    """Scheduler part: every trial runs where the experiment is now.
-
-    ``Tuner.restore`` re-points the restored trials at the directory it restored from, but the
-    trials the searcher proposes afterwards are made from the experiment spec saved with the
-    searcher's state, whose storage is where the search first ran: after a move (another machine,
-    a copied directory) they would write there. The first trial a scheduler sees is a restored one
-    (Tune adds those while it resumes), so its storage is the current one; later trials that point
-    elsewhere are re-pointed the way Tune re-points restored trials.
-    """
-
-    _here: Any = None  # the experiment's StorageContext now (run time only)
-
-    def _follow(self, trial: Any) -> None:
-        here, st = self._here, trial.storage
-        if here is None:
-            self._here = st
-            return
-        if (st.storage_fs_path, st.experiment_dir_name, type(st.storage_filesystem)) == (
-                here.storage_fs_path, here.experiment_dir_name, type(here.storage_filesystem)):
-            return
-        new = copy.copy(st)
-        new.storage_filesystem = here.storage_filesystem
-        new.storage_fs_path = here.storage_fs_path
-        new.experiment_dir_name = here.experiment_dir_name
-        trial.set_storage(new)
-
-
-class FollowingFIFO(FollowsExperiment, FIFOScheduler):
-    """Tune's FIFO scheduler (``search.scheduler: fifo``) whose trials follow the experiment."""
-
-    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        self._follow(trial)
-        super().on_trial_add(tune_controller, trial)
-
-
-class ResumableASHA(FollowsExperiment, ASHAScheduler):
-    """ASHA whose rungs survive an interrupted search, and which records whom it pruned.
-
-    Tune restores trials and the searcher on ``--resume`` but not the scheduler's state, so the
-    rung cutoffs earned by finished trials would be forgotten and a resumed weak trial would run to
-    the end. This scheduler saves its state (``asha_state.pickle``) and the trials it stopped
-    (``pruned_trials.yaml``: trial id -> epoch) into the experiment directory after every decision,
-    before the decision takes effect, and reloads them on first use. Where that directory is comes
-    from the trials at run time (``experiment_files``), so the state follows the experiment.
-
-    A trial it stopped stays stopped. Tune saves its own trial states at most every few seconds,
-    so a search interrupted just after a STOP can find that trial unfinished on resume; such a
-    trial is ended again before it is started (with the result ASHA stopped it on), and if it
-    still reports, it is told STOP at once.
-    """
-
-    # run-time bindings: never saved with the state nor taken from a saved state (which older
-    # versions wrote with the first machine's paths in _files/_state_dir)
-    _RUNTIME = ("_files", "_loaded", "_state_dir", "_here")
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._files: cluster.RunFiles | None = None
-        self._loaded = False
-        self.pruned: dict[str, int] = {}
-        self.pruned_results: dict[str, dict[str, Any]] = {}  # trial id -> the result it stopped on
-
-    def save(self, checkpoint_path: str) -> None:
-        state = {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(state, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            state = pickle.load(f)
-        for k in self._RUNTIME:
-            state.pop(k, None)
-        self.__dict__.update(state)
-
-    def _bind(self, trial: Any) -> cluster.RunFiles:
-        """On first use: find the experiment (from ``trial``) and load the state saved there."""
-        if not self._loaded or self._files is None:
-            self._files = experiment_files(trial)
-            self.__dict__.setdefault("pruned_results", {})  # a scheduler pickled by an older version
-            if self._files.pull(ASHA_STATE_FILE):
-                self.restore(str(self._files.local / ASHA_STATE_FILE))
-            self._loaded = True
-        return self._files
-
-    def _save(self) -> None:
-        files = self._files
-        assert files is not None, "ResumableASHA saved before it saw a trial"
-        files.local.mkdir(parents=True, exist_ok=True)
-        state, pruned = files.local / ASHA_STATE_FILE, files.local / PRUNED_FILE
-        tmp = state.with_suffix(".tmp")
-        self.save(str(tmp))
-        os.replace(tmp, state)
-        tmp = pruned.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.pruned))  # JSON is YAML
-        os.replace(tmp, pruned)
-        files.push(ASHA_STATE_FILE, PRUNED_FILE)  # s3://...: uploaded before the STOP is returned
-
-    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        self._follow(trial)
-        self._bind(trial)
-        super().on_trial_add(tune_controller, trial)
-
-    def choose_trial_to_run(self, tune_controller: Any) -> Any:
-        for trial in tune_controller.get_trials():
-            if trial.status in (Trial.PENDING, Trial.PAUSED) and trial.trial_id in self.pruned:
-                self._end_pruned(tune_controller, trial)
-        return super().choose_trial_to_run(tune_controller)
-
-    def _end_pruned(self, tune_controller: Any, trial: Any) -> None:
-        """A trial this scheduler had stopped, restored unfinished: end it without running it."""
-        last = self.pruned_results.get(trial.trial_id)
-        if last and int(trial.last_result.get(self._time_attr) or 0) < int(
-                last.get(self._time_attr) or 0):
-            trial.update_last_result(dict(last))  # what trials.csv and the results then show
-        print(f"[trial {trial.trial_id}] was stopped by ASHA at epoch "
-              f"{self.pruned[trial.trial_id]} before the interruption: not resumed", flush=True)
-        tune_controller.stop_trial(trial)
-
-    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        self._bind(trial)
-        if trial.trial_id in self.pruned:  # stopped before: it does not come back
-            return self.STOP
-        action = super().on_trial_result(tune_controller, trial, result)
-        if action == self.STOP and not result.get("trial_finished", False):
-            self.pruned[trial.trial_id] = int(result.get(self._time_attr, 0))
-            self.pruned_results[trial.trial_id] = _scalars(result)
-        self._save()
-        return action
-
-    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
-        self._bind(trial)
-        if trial.trial_id in self.pruned:  # recorded when stopped; a later result is not ranked
-            self._trial_info.pop(trial.trial_id, None)
-        elif trial.trial_id in self._trial_info:
-            super().on_trial_complete(tune_controller, trial, result)
-        self._save()
-
-    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
-        self._trial_info.pop(trial.trial_id, None)
-
-
-def read_pruned(exp_dir: Path) -> dict[str, int]:
-    p = exp_dir / PRUNED_FILE
-    return yaml.safe_load(p.read_text()) or {} if p.exists() else {}
-
-
-# --------------------------------------------------------------------------- trials.csv, progress
-def trial_row(trial: Any, space_keys: list[str], ended: str = "",
-              pruned: dict[str, int] | None = None) -> dict[str, Any]:
-    """One row of trials.csv from a Tune Trial.
-
-    ``ended`` is 'completed'/'failed' for the trial Tune is ending right now (its status is not
-    final yet); ``pruned`` maps the trials ASHA stopped to the epoch it stopped them at.
-    """
-    status = {"TERMINATED": "ended", "ERROR": "failed", "RUNNING": "running",
-              "PENDING": "pending", "PAUSED": "paused"}.get(trial.status, trial.status.lower())
-    if ended and status in ("running", "pending", "paused"):
-        status = "failed" if ended == "failed" else "ended"
-    error = trial.get_error() if status == "failed" else None
-    return _row(trial.trial_id, status, error, trial.config, trial.last_result or {}, space_keys,
-                pruned)
-
-
-def result_row(result: Any, space_keys: list[str],
-               pruned: dict[str, int] | None = None) -> dict[str, Any]:
-    """The same row from a ``ray.tune.Result`` of the ``ResultGrid`` that ``Tuner.fit`` returns.
-
-    Values keep their types (a searched boolean stays a bool): the best config is built from these
-    rows, never from trials.csv's text. A trial that never reported has no id or metrics; it
-    counts as interrupted.
-    """
-    res = dict(result.metrics or {})
-    status = "failed" if result.error is not None else "ended"
-    return _row(str(res.get("trial_id", "")), status, result.error, result.config, res,
-                space_keys, pruned)
-
-
-def _row(trial_id: str, status: str, error: Any, config: dict | None, res: dict,
-         space_keys: list[str], pruned: dict[str, int] | None) -> dict[str, Any]:
-    reason = ""
-    if status == "failed":
-        reason = (str(error).strip().splitlines() or ["error"])[-1][:300] if error else "error"
-    elif status == "ended":
-        if res.get("pruned_reason"):
-            status, reason = "pruned", str(res["pruned_reason"])
-        elif res.get("trial_finished"):
-            status = "completed"
-        elif trial_id in (pruned or {}):
-            status = "pruned"
-            reason = asha_reason(pruned[trial_id])
-        else:
-            status = "interrupted"  # stopped by Ctrl+C or a lost driver: --resume reruns it
-    flat = _flatten(config or {})
-    row: dict[str, Any] = {"trial_id": trial_id, "status": status, "reason": reason}
-    row.update({k: flat.get(k) for k in space_keys})
-    row.update({
-        "mean_val_f1": res.get(SCORE),
-        "mean_val_f1_last": res.get("mean_val_f1_last"),
-        "epochs": res.get("epoch"),
-        "folds": res.get("folds"),
-    })
-    for i in range(int(res.get("folds") or 0)):
-        row[f"fold_{i}_val_f1"] = res.get(f"fold_{i}_val_f1")
-        row[f"fold_{i}_best_epoch"] = res.get(f"fold_{i}_best_epoch")
-    return row
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in (d or {}).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key.replace("/", ".")] = v
-    return out
-
-
-def write_trials_csv(trials: list, space_keys: list[str], path: Path,
-                     ended: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    ended = ended or {}
-    pruned = read_pruned(path.parent)
-    rows = [trial_row(t, space_keys, ended.get(t.trial_id, ""), pruned) for t in trials]
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    path.parent.mkdir(parents=True, exist_ok=True)  # the mirror of an s3:// experiment
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-    return rows
-
-
-# ------------------------------------------------------------------------------ fold checkpoints
-# What a search keeps under folds/<trial id> (Ray Train's run of that trial): while a trial runs,
-# its latest checkpoint (each training fold's model, optimiser and schedule; see make_trainer).
-# A completed trial's last checkpoint holds only its folds' metrics (finished folds keep no
-# weights in a search: final retrains the best config), so it stays: a resumed search that
-# restarts a trial whose end Tune had not recorded finds it finished and trains nothing. A pruned
-# or failed trial is never resumed: its folds/<trial id> is deleted DROP_AFTER_S after it ended
-# (its fold workers are gone by then), and whatever is left when the search ends.
-DROP_AFTER_S = 30.0
-DROPPED_STATUSES = ("pruned", "failed")
-
-
-def drop_fold_checkpoints(folds_uri: str, trial_id: str) -> None:
-    """Delete ``<folds_uri>/<trial_id>``, a trial's fold checkpoints (local, NFS or s3://...)."""
-    target = f"{folds_uri.rstrip('/')}/{trial_id}"
-    if not trial_id:
-        return
-    if not cluster.is_uri(target):
-        shutil.rmtree(target, ignore_errors=True)
-        return
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(target)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)
-
-
-class SearchProgress(tune.Callback):
-    """Prints one line per trial epoch, keeps ``trials.csv`` current as trials end, and deletes
-    the fold checkpoints of pruned and failed trials (see ``DROP_AFTER_S``)."""
-
-    STATUS_EVERY_S = 120.0  # a status line at least this often while trials run
-
-    def __init__(self, space_keys: list[str], max_epochs: int, num_samples: int = 0) -> None:
-        self.space_keys, self.max_epochs, self.num_samples = space_keys, max_epochs, num_samples
-        self.last_status = time.time()
-        # where the experiment is: bound at run time from the trials (see experiment_files), as
-        # this object is pickled into the experiment and restored by Tuner.restore elsewhere
-        self.files: cluster.RunFiles | None = None
-        self.exp_dir: Path | None = None
-        self.ended: dict[str, str] = {}  # trial id -> completed/failed, as Tune tells us
-        self.to_drop: dict[str, float] = {}  # pruned/failed trial id -> when it ended
-
-    def drop_ended(self, min_age_s: float = DROP_AFTER_S) -> None:
-        """Delete the fold checkpoints of the pruned/failed trials that ended min_age_s ago."""
-        now = time.time()
-        for tid, when in list(self.to_drop.items()):
-            if now - when >= min_age_s:
-                drop_fold_checkpoints(f"{self.files.uri}/folds", tid)
-                del self.to_drop[tid]
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
-                        **info: Any) -> None:
-        self._bind(trial)
-        if self.to_drop:
-            self.drop_ended()
-        folds = " ".join(f"{result.get(f'fold_{i}_val_f1', float('nan')):.3f}"
-                         for i in range(int(result.get("folds", 0))))
-        print(f"[trial {trial.trial_id}] epoch {result.get('epoch')}/{self.max_epochs} "
-              f"mean F1 {result.get(SCORE, float('nan')):.4f} (folds {folds})", flush=True)
-        if time.time() - getattr(self, "last_status", 0.0) >= self.STATUS_EVERY_S:
-            self.print_status(trials)
-
-    def print_status(self, trials: list) -> None:
-        """One line: how many trials run, ended how, and the best so far."""
-        self.last_status = time.time()
-        pruned = read_pruned(self.exp_dir) if self.exp_dir else {}
-        rows = [trial_row(t, self.space_keys, self.ended.get(t.trial_id, ""), pruned)
-                for t in trials]
-        counts = {k: sum(r["status"] == k for r in rows)
-                  for k in ("running", "completed", "pruned", "failed")}
-        waiting = max(getattr(self, "num_samples", 0) - len(rows), 0) + \
-            sum(r["status"] in ("pending", "paused") for r in rows)
-        best = _best(rows)
-        text = ", ".join(f"{v} {k}" for k, v in counts.items()) + f", {waiting} to come"
-        if best:
-            text += f"; best {best['mean_val_f1']:.4f} (trial {best['trial_id']})"
-        print(f"status: {text}", flush=True)
-
-    def _bind(self, trial: Any) -> cluster.RunFiles:
-        self.files = experiment_files(trial)
-        self.exp_dir = self.files.local
-        return self.files
-
-    def _end(self, trials: list, trial: Any, how: str) -> None:
-        self._bind(trial)
-        self.ended[trial.trial_id] = how
-        row = trial_row(trial, self.space_keys, how, read_pruned(self.exp_dir))
-        score = row["mean_val_f1"]
-        text = f"{score:.4f}" if isinstance(score, float) else "-"
-        why = f": {row['reason']}" if row["reason"] else ""
-        print(f"[trial {trial.trial_id}] {row['status']} after {row['epochs']} epochs, mean F1 "
-              f"{text}{why}", flush=True)
-        write_trials_csv(trials, self.space_keys, self.exp_dir / "trials.csv", self.ended)
-        self.files.push("trials.csv", STUDY_FILE)
-        self.print_status(trials)
-        if row["status"] in DROPPED_STATUSES:
-            self.to_drop[trial.trial_id] = time.time()
-        self.drop_ended()
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trials, trial, "completed")
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trials, trial, "failed")
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        if not trials:
-            return
-        self._bind(trials[0])
-        write_trials_csv(trials, self.space_keys, self.exp_dir / "trials.csv", self.ended)
-        self.files.push("trials.csv", STUDY_FILE)
-
-
 # ---------------------------------------------------------------------------------- the command
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser("python -m leuk_ray.search",
@@ -566,12 +185,6 @@ def _create(files: cluster.RunFiles, cfg: Config, space: SearchSpace,
     files.push("config.yaml", "space.yaml", "folds.csv", "warnings.txt")
 
 
-def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    done = [r for r in rows if r["status"] == "completed"
-            and isinstance(r["mean_val_f1"], (int, float)) and math.isfinite(r["mean_val_f1"])]
-    return max(done, key=lambda r: r["mean_val_f1"]) if done else None
-
-
 def _trainable(cfg: Config, prepared: PreparedData, folds_path: str) -> Any:
     fn = tune.with_parameters(trial_fn, base=cfg, prepared=prepared, folds_path=folds_path)
     # Tune reserves the trial driver only (its CPU share, memory for it and the Ray Train
@@ -647,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from leuk_ray.search_report import write_report
 
         write_report(files)
-    best = _best(rows)
+    best = best_row(rows)
     for row in rows:  # every trial has stopped: no fold worker writes there any more
         if row["status"] in DROPPED_STATUSES:
             drop_fold_checkpoints(f"{files.uri}/folds", row["trial_id"])

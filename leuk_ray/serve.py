@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import hashlib
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence

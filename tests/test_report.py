@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from leuk_ray.artifact import read_manifest, save_artifact
 from leuk_ray.config import load_config

@@ -23,8 +23,9 @@ from ray.train._internal.storage import StorageContext  # noqa: E402
 from ray.tune.experiment import Trial  # noqa: E402
 
 from leuk_ray.cluster import RunFiles  # noqa: E402
-from leuk_ray.search import (  # noqa: E402
-    ASHA_STATE_FILE, PRUNED_FILE, FollowingFIFO, ResumableASHA, SearchProgress,
+from leuk_ray.results import SearchProgress  # noqa: E402
+from leuk_ray.tune_ext import (  # noqa: E402
+    ASHA_STATE_FILE, PRUNED_FILE, FollowingFIFO, ResumableASHA,
 )
 from leuk_ray.study import PruneAwareOptunaSearch, write_optuna_trials  # noqa: E402
 
