@@ -22,7 +22,7 @@ import csv
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -352,9 +352,23 @@ def _fmt(m: dict | None) -> str:
             f"spec {m['specificity']:.4f}  ECE {m['ece']:.4f}")
 
 
+@dataclass
+class FinalResult:
+    """What ``run_final`` hands back for one config: where its artifact is and what it measured."""
+
+    uri: str                              # the artifact directory (local path or URI)
+    metrics: dict[str, Any]               # as in the manifest: oof, test, folds, threshold, model
+    calibration: Calibration              # what predict applies without TTA
+    tta_calibration: Calibration | None   # ... and with --tta (None when final.tta is off)
+
+    @property
+    def threshold(self) -> float:
+        return self.calibration.threshold
+
+
 def build_final(cfg: Config, prepared: PreparedData, files: cluster.RunFiles,
-                *, label: str = "", smoke: bool = False) -> dict[str, Any]:
-    """Train the folds, calibrate on OOF, evaluate, write the artifact; returns its metrics."""
+                *, label: str = "", smoke: bool = False) -> FinalResult:
+    """Train the folds, calibrate on OOF, evaluate, write the artifact."""
     runs = f"{files.storage}/.{files.name}.runs"  # fold checkpoints: a rerun resumes from them
     weights = check_weights(cfg.model)  # what the backbones start from (and the run name's part)
     name = _run_name(cfg, prepared, weights)
@@ -428,7 +442,7 @@ def build_final(cfg: Config, prepared: PreparedData, files: cluster.RunFiles,
     save_artifact(files.local, cfg=cfg, fold_states=[s["best_state"] for s in states],
                   fold_scores=fold_scores, calibration=cal, tta_calibration=tta_cal,
                   model_info=model, metrics=metrics, write_report=report,
-                  weights=weights, fold_weights=outcome.fold_weights)
+                  weights=weights.to_dict(), fold_weights=outcome.fold_weights)
     files.push("")  # to s3:// etc.: every file, manifest.json last
 
     print(f"\n{label}out-of-fold ({len(oof)} images): {_fmt(oof_metrics)}")
@@ -449,7 +463,7 @@ def build_final(cfg: Config, prepared: PreparedData, files: cluster.RunFiles,
     else:
         print("no labelled test set: evaluated on out-of-fold predictions only")
     print(f"artifact: {files.uri}")
-    return metrics
+    return FinalResult(files.uri, metrics, cal, tta_cal)
 
 
 # the data keys that define the folds: a comparison trains both configs on the same folds
@@ -492,11 +506,59 @@ def write_comparison(out: Path, named: dict[str, dict[str, Any]]) -> Path:
     return p
 
 
+def run_final(configs: Config | Mapping[str, Config], out: str, *, overwrite: bool = False,
+              address: str | None = None, num_cpus: float | None = None, smoke: bool = False,
+              source: str = "") -> FinalResult | dict[str, FinalResult]:
+    """Train, calibrate, evaluate and ship the k-fold ensemble of ``configs`` to ``out`` (a path
+    or URI); what ``python -m leuk_ray.final`` does.
+
+    One ``Config`` gives one artifact at ``out`` and its ``FinalResult``. A mapping ``{name:
+    Config}`` trains each on the same folds (their fold-defining ``data`` keys must agree) into
+    ``out/<name>`` and writes ``comparison.md`` beside them; it returns ``{name: FinalResult}``.
+    Fold checkpoints are kept beside ``out``, so a rerun after a crash resumes them. Raises
+    ``UserError`` for a mistake (an existing artifact without ``overwrite``, unusable weights,
+    bad data), before Ray starts where it can.
+    """
+    named = dict(configs) if isinstance(configs, Mapping) else None
+    cfgs = list(named.values()) if named else [configs]
+    for c in cfgs:
+        check_weights(c.model)  # backbone name and weights: fail before the data and Ray
+    first = cfgs[0]
+    for c in cfgs[1:]:
+        for key in FOLD_KEYS:
+            if getattr(c.data, key) != getattr(first.data, key):
+                raise UserError(f"configs to compare differ in data.{key}; they must be trained "
+                                "on the same folds")
+    files = cluster.RunFiles.from_path(out)  # s3:// artifacts are built locally, then uploaded
+    check_target(files, overwrite)
+    print(f"final: config from {source or 'the caller'}; artifact -> {files.uri}", flush=True)
+    prepared = prepare_data(first.data)  # refuses test subjects that also appear in training
+    for w in prepared.warnings:
+        print(f"warning: {w}", flush=True)
+    n_test = 0 if prepared.test is None else int((prepared.test["label"] >= 0).sum())
+    print(f"data: {len(prepared.train)} images in {prepared.n_folds} folds, {n_test} labelled test "
+          "images", flush=True)
+    cluster.check_storage(files.storage)
+    dashboard = cluster.connect(address, num_cpus=num_cpus)
+    if dashboard:
+        print(f"dashboard: {dashboard}", flush=True)
+    cluster.check_shared_storage(files.storage, first)
+    if named is None:
+        return build_final(first, prepared, files, smoke=smoke)
+    # the split depends only on FOLD_KEYS, which the configs share: one split serves them all
+    results = {n: build_final(c, prepared, cluster.RunFiles(files.uri, n), label=f"[{n}] ",
+                              smoke=smoke) for n, c in named.items()}
+    files.local.mkdir(parents=True, exist_ok=True)
+    write_comparison(files.local, {n: r.metrics for n, r in results.items()})
+    files.push("comparison.md", "comparison.json")
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console.setup(args.verbose)
     cfg, source = resolve_config(args)
-    check_weights(cfg.model)  # backbone name and weights: fail before the data and Ray
+    check_weights(cfg.model)  # before reading --compare's search: the first mistake first
     compare_cfg = None
     if args.compare:
         search = cluster.RunFiles.from_path(args.compare)
@@ -504,7 +566,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"{search.uri}/best_config.yaml: not found; --compare takes a finished "
                             "search's directory")
         compare_cfg, _ = config_from_yaml_with_extras(search.local / "best_config.yaml")
-        check_weights(compare_cfg.model)
         for key in FOLD_KEYS:  # the same folds for both
             set_value(cfg, f"data.{key}", getattr(compare_cfg.data, key), where="--compare")
         if args.data:
@@ -513,38 +574,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     default = (f"{args.from_dir.rstrip('/')}/ensemble" if args.from_dir else
                time.strftime("runs/final-%Y%m%d-%H%M%S"))
     target = args.out or cfg.final.out or default
-    files = cluster.RunFiles.from_path(target)  # s3:// artifacts are built locally, then uploaded
-    check_target(files, args.overwrite)
-    print(f"final: config from {source or args.preset or 'defaults'}; artifact -> {files.uri}",
-          flush=True)
-    prepared = prepare_data(cfg.data)  # refuses test subjects that also appear in training
-    for w in prepared.warnings:
-        print(f"warning: {w}", flush=True)
-    n_test = 0 if prepared.test is None else int((prepared.test["label"] >= 0).sum())
-    print(f"data: {len(prepared.train)} images in {prepared.n_folds} folds, {n_test} labelled test "
-          "images", flush=True)
-    cluster.check_storage(files.storage)
-    dashboard = cluster.connect(args.address, num_cpus=args.num_cpus)
-    if dashboard:
-        print(f"dashboard: {dashboard}", flush=True)
-    cluster.check_shared_storage(files.storage, cfg)
-
+    what = str(source or args.preset or "defaults")
+    common = dict(overwrite=args.overwrite, address=args.address, num_cpus=args.num_cpus,
+                  smoke=args.smoke_test, source=what)
     if compare_cfg is None:
-        build_final(cfg, prepared, files, smoke=args.smoke_test)
-        print(f"report:   {files.uri}/report/report.md")
-        print(f"predict:  python -m leuk_ray.predict --model {files.local} IMAGES_OR_FOLDERS")
+        res = run_final(cfg, target, **common)
+        print(f"report:   {res.uri}/report/report.md")
+        local = cluster.RunFiles.from_path(res.uri).local  # predict reads a local copy
+        print(f"predict:  python -m leuk_ray.predict --model {local} IMAGES_OR_FOLDERS")
         return 0
     mine = args.preset or (source.stem if source else "config")
-    # the split depends only on FOLD_KEYS, which both configs share: one split serves both
-    results = {}
-    for n, c in {mine: cfg, "search": compare_cfg}.items():
-        results[n] = build_final(c, prepared, cluster.RunFiles(files.uri, n), label=f"[{n}] ",
-                                 smoke=args.smoke_test)
-    files.local.mkdir(parents=True, exist_ok=True)
-    report = write_comparison(files.local, results)
-    files.push("comparison.md", "comparison.json")
+    run_final({mine: cfg, "search": compare_cfg}, target, **common)
+    files = cluster.RunFiles.from_path(target)
     print(f"\ncomparison: {files.uri}/comparison.md")
-    print(report.read_text())
+    print((files.local / "comparison.md").read_text())
     return 0
 
 

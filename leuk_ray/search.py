@@ -12,12 +12,14 @@ end), ``best_config.yaml``, ``config.yaml`` (the base config), ``space.yaml``, `
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -114,45 +116,43 @@ def _check_same_folds(prepared: PreparedData, path: Path) -> None:
                         "needs the same data (or start a new search with another --name)")
 
 
-def _setup(args: argparse.Namespace) -> tuple[Config, SearchSpace, cluster.RunFiles, int]:
-    """Resolve config, space, storage and name; create or check the experiment's files."""
-    if args.demo:
-        args.smoke_test = True
-    if args.resume and not args.name:
+def _setup(cfg: Config, *, space: str | Path | None, storage_path: str | None, name: str | None,
+           num_samples: int | None, resume: bool, smoke: bool
+           ) -> tuple[Config, SearchSpace, cluster.RunFiles, int]:
+    """Resolve config, space, storage and name; check the experiment's files (see run_search)."""
+    if resume and not name:
         raise UserError("--resume needs --name NAME of the search to continue")
-    if args.num_samples is not None and args.num_samples < 1:
-        raise UserError(f"--num-samples {args.num_samples}: use a positive number of trials "
+    if num_samples is not None and num_samples < 1:
+        raise UserError(f"--num-samples {num_samples}: use a positive number of trials "
                         "(leave it out for search.num_samples)")
-    cfg = config_from_args(args)
-    storage = cluster.resolve_storage(args.storage_path or cfg.search.storage_path)
-    name = args.name or cfg.search.name or time.strftime("search-%Y%m%d-%H%M%S")
+    cfg = copy.deepcopy(cfg)
+    storage = cluster.resolve_storage(storage_path or cfg.search.storage_path)
+    name = name or cfg.search.name or time.strftime("search-%Y%m%d-%H%M%S")
     files = cluster.RunFiles(storage, name)
-    if args.resume:
+    if resume:
         if not files.pull("config.yaml", "space.yaml"):
             raise UserError(f"{files.uri}: no search named '{name}' to resume there "
                             "(no config.yaml)")
         files.pull("folds.csv", STUDY_FILE)  # the scheduler and trials.csv find theirs at run time
         cfg, _ = config_from_yaml_with_extras(files.local / "config.yaml")
         space = load_space(files.local / "space.yaml", cfg)
-        num_samples = cfg.search.num_samples
-        if args.num_samples is not None and args.num_samples != num_samples:
-            raise UserError(f"--num-samples {args.num_samples}: this search was started with "
-                            f"{num_samples}; a resumed search keeps its number of trials")
-        return cfg, space, files, num_samples
-    if args.demo and not cfg.data.root:
-        set_value(cfg, "data.root", _demo_data(cfg.data.seed), where="--demo")
+        started = cfg.search.num_samples
+        if num_samples is not None and num_samples != started:
+            raise UserError(f"--num-samples {num_samples}: this search was started with "
+                            f"{started}; a resumed search keeps its number of trials")
+        return cfg, space, files, started
     if not cfg.data.root:
         raise UserError("no data: pass --data DIR (seed layout or the Kaggle C-NMC tree), or --demo")
     if not cluster.is_uri(cfg.data.root):  # best_config.yaml must work from any folder
         set_value(cfg, "data.root", str(Path(cfg.data.root).expanduser().resolve()),
                   where="--data")
-    num_samples = args.num_samples if args.num_samples is not None else cfg.search.num_samples
+    num_samples = num_samples if num_samples is not None else cfg.search.num_samples
     set_value(cfg, "search.num_samples", num_samples, where="--num-samples")
     set_value(cfg, "search.name", name, where="--name")
     set_value(cfg, "search.storage_path", storage, where="--storage-path")
-    space_path = _resolve_space_path(args.space, cfg, args.smoke_test)
+    space_path = _resolve_space_path(str(space) if space else None, cfg, smoke)
     set_value(cfg, "search.space", str(space_path), where="--space")
-    space = load_space(space_path, cfg)
+    search_space = load_space(space_path, cfg)
     taken = files.exists("config.yaml") if files.remote else \
         files.local.exists() and any(files.local.iterdir())
     if taken:
@@ -168,7 +168,7 @@ def _setup(args: argparse.Namespace) -> tuple[Config, SearchSpace, cluster.RunFi
         set_value(cfg, "search.max_concurrent", 1, where="search.reproducible")
         if cfg.train.deterministic == "auto":
             set_value(cfg, "train.deterministic", "true", where="search.reproducible")
-    return cfg, space, files, num_samples
+    return cfg, search_space, files, num_samples
 
 
 def _create(files: cluster.RunFiles, cfg: Config, space: SearchSpace,
@@ -193,10 +193,44 @@ def _trainable(cfg: Config, prepared: PreparedData, folds_path: str) -> Any:
     return tune.with_resources(fn, cluster.driver_bundle(cfg))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    console.setup(args.verbose)
-    cfg, space, files, num_samples = _setup(args)
+@dataclass
+class SearchResult:
+    """What ``run_search`` hands back (and what the command prints)."""
+
+    uri: str                          # the search's directory (local path or URI)
+    rows: list[dict[str, Any]]        # one typed row per trial, as in trials.csv
+    num_samples: int
+    best: dict[str, Any] | None       # the best completed row, or None
+    best_config: Config | None        # its full resolved config (saved as best_config.yaml)
+    space_keys: list[str] = field(default_factory=list)
+    dashboard: str | None = None      # Ray's dashboard URL of a local Ray started here
+
+    @property
+    def interrupted(self) -> bool:
+        """Fewer trials ended than were asked for (Ctrl+C, a lost driver): ``resume=True``."""
+        ended = [r for r in self.rows if r["status"] in ("completed", "pruned", "failed")]
+        return len(ended) < self.num_samples
+
+    def count(self, status: str) -> int:
+        return sum(r["status"] == status for r in self.rows)
+
+
+def run_search(cfg: Config, *, space: str | Path | None = None, storage_path: str | None = None,
+               name: str | None = None, num_samples: int | None = None, resume: bool = False,
+               address: str | None = None, num_cpus: float | None = None,
+               smoke: bool = False) -> SearchResult:
+    """Run (or with ``resume=True`` continue) a search; what ``python -m leuk_ray.search`` does.
+
+    ``cfg`` is the base config (``load_config(...)``; ignored on resume, which reads the search's
+    own ``config.yaml``); ``space`` the search-space YAML (default ``cfg.search.space``, or the
+    smoke space with ``smoke``); ``storage_path``/``name``/``num_samples`` override the
+    ``search.*`` keys. Prints the search's story (a line per trial epoch and per ended trial) as it
+    goes. Raises ``UserError`` for a mistake, including one that every trial hit in its workers.
+    """
+    cfg, space_, files, num_samples = _setup(cfg, space=space, storage_path=storage_path,
+                                             name=name, num_samples=num_samples, resume=resume,
+                                             smoke=smoke)
+    space = space_
     check_weights(cfg.model)  # backbone name and weights: fail before the data and Ray
     exp_dir, name = files.local, files.name
     print(f"search '{name}': {num_samples} trials over {', '.join(space.keys)}", flush=True)
@@ -206,9 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"data: {len(prepared.train)} images in {prepared.n_folds} folds "
           f"({'grouped by subject' if prepared.grouped_by_subject else 'IMAGE-LEVEL, not grouped'})",
           flush=True)
-    dashboard = cluster.connect(args.address, num_cpus=args.num_cpus)
+    dashboard = cluster.connect(address, num_cpus=num_cpus)
     cluster.check_shared_storage(files.storage, cfg)
-    if args.resume:
+    if resume:
         _check_same_folds(prepared, exp_dir / "folds.csv")
     else:
         _create(files, cfg, space, prepared)
@@ -218,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           + (f"; dashboard {dashboard}" if dashboard else ""), flush=True)
 
     trainable = _trainable(cfg, prepared, f"{files.uri}/folds")
-    if args.resume:
+    if resume:
         PruneAwareOptunaSearch.resume_url = study_url(cfg, files)
         tuner = tune.Tuner.restore(files.uri, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
@@ -264,45 +298,67 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in rows:  # every trial has stopped: no fold worker writes there any more
         if row["status"] in DROPPED_STATUSES:
             drop_fold_checkpoints(f"{files.uri}/folds", row["trial_id"])
-    print(f"\n{len(rows)} trials: " + ", ".join(
-        f"{sum(r['status'] == s for r in rows)} {s}" for s in ("completed", "pruned", "failed")))
-    unfinished = [r for r in rows if r["status"] not in ("completed", "pruned", "failed")]
-    if unfinished or len(rows) < num_samples:
-        print(f"search interrupted: {len(rows) - len(unfinished)} of {num_samples} trials ended; "
-              f"continue it with: python -m leuk_ray.search --resume --name {name} "
-              f"--storage-path {files.storage}", flush=True)
-        return 130
+    result = SearchResult(files.uri, rows, num_samples, best, None, list(space.keys), dashboard)
+    if result.interrupted:
+        return result
     if best is None:
         mistakes = [user_error_in(r.error) for r in results if r.error is not None]
         if mistakes and all(mistakes):  # every trial stopped on the user's mistake: say it once
             first = str(mistakes[0]).strip().splitlines()[0]
             raise UserError(f"every trial failed ({len(mistakes)}; reasons in "
                             f"{files.uri}/trials.csv), the first with: {first}")
-        print(f"no trial completed; see {files.uri}/trials.csv", flush=True)
-        return 1
-    best_cfg = apply_params(cfg, {k: best[k] for k in space.keys})
+        return result
+    result.best_config = apply_params(cfg, {k: best[k] for k in space.keys})
     folds = [float(best[f"fold_{i}_val_f1"]) for i in range(int(best["folds"]))]
-    save_config(best_cfg, exp_dir / "best_config.yaml", extra={
+    save_config(result.best_config, exp_dir / "best_config.yaml", extra={
         "cv_score": float(best["mean_val_f1"]), "cv_fold_scores": folds,
         "trial_id": best["trial_id"], "search_dir": files.uri})
     files.push("best_config.yaml")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console.setup(args.verbose)
+    if args.demo:
+        args.smoke_test = True
+    cfg = config_from_args(args)
+    if args.demo and not cfg.data.root and not args.resume:
+        set_value(cfg, "data.root", _demo_data(cfg.data.seed), where="--demo")
+    res = run_search(cfg, space=args.space, storage_path=args.storage_path, name=args.name,
+                     num_samples=args.num_samples, resume=args.resume, address=args.address,
+                     num_cpus=args.num_cpus, smoke=args.smoke_test)
+    uri, rows, best = res.uri, res.rows, res.best
+    print(f"\n{len(rows)} trials: " + ", ".join(
+        f"{res.count(s)} {s}" for s in ("completed", "pruned", "failed")))
+    if res.interrupted:
+        storage, _, name = uri.rstrip("/").rpartition("/")
+        ended = sum(r["status"] in ("completed", "pruned", "failed") for r in rows)
+        print(f"search interrupted: {ended} of {res.num_samples} trials ended; continue it with: "
+              f"python -m leuk_ray.search --resume --name {name} --storage-path {storage}",
+              flush=True)
+        return 130
+    if best is None:
+        print(f"no trial completed; see {uri}/trials.csv", flush=True)
+        return 1
+    folds = [float(best[f"fold_{i}_val_f1"]) for i in range(int(best["folds"]))]
     print(f"best trial {best['trial_id']}: mean F1 {best['mean_val_f1']:.4f} "
           f"(folds {', '.join(f'{x:.4f}' for x in folds)})")
     print("  " + ", ".join(f"{k}={best[k]:.4g}" if isinstance(best[k], float) else f"{k}={best[k]}"
-                           for k in space.keys))
-    print(f"results:     {files.uri}")
-    print(f"trials:      {files.uri}/trials.csv")
-    print(f"best config: {files.uri}/best_config.yaml")
-    if dashboard:
-        print(f"dashboard:   {dashboard} (Jobs and Actors pages; runs as long as this Ray does)")
-    print(f"report:      {files.uri}/search_report.md")
-    if files.remote:
-        print(f"curves:      TensorBoard files in each trial folder under {files.uri} (copy them "
+                           for k in res.space_keys))
+    print(f"results:     {uri}")
+    print(f"trials:      {uri}/trials.csv")
+    print(f"best config: {uri}/best_config.yaml")
+    if res.dashboard:
+        print(f"dashboard:   {res.dashboard} (Jobs and Actors pages; runs as long as this Ray does)")
+    print(f"report:      {uri}/search_report.md")
+    if cluster.is_uri(uri):
+        print(f"curves:      TensorBoard files in each trial folder under {uri} (copy them "
               "here, then tensorboard --logdir DIR)")
     else:
-        print(f"curves:      tensorboard --logdir {files.uri}")
-    print(f"live view:   python -m leuk_ray.dashboard {files.uri}")
-    print(f"next:        python -m leuk_ray.final --from {files.uri}")
+        print(f"curves:      tensorboard --logdir {uri}")
+    print(f"live view:   python -m leuk_ray.dashboard {uri}")
+    print(f"next:        python -m leuk_ray.final --from {uri}")
     return 0
 
 

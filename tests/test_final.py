@@ -128,6 +128,31 @@ def test_final_preset_compared_with_a_search_on_the_same_folds(ray_data, tmp_pat
     assert cmp["seed000"]["folds"][0]["epochs"] <= 2
 
 
+@pytest.mark.slow
+def test_run_final_is_a_python_api_with_typed_results(ray_data, tmp_path):
+    """Issue 14 (shape): the final job callable from a notebook, returning what it measured and
+    the calibration predict applies, typed; a mistake raises before Ray starts."""
+    import ray
+
+    from leuk_ray.config import load_config
+    from leuk_ray.errors import UserError
+    from leuk_ray.final import FinalResult, run_final
+
+    cfg = load_config(None, [f"data.root={ray_data}", "train.epochs=1", "final.tta=false"],
+                      smoke=True)
+    out = tmp_path / "art"
+    try:
+        res = run_final(cfg, str(out), num_cpus=2, smoke=True)
+    finally:
+        ray.shutdown()
+    assert isinstance(res, FinalResult) and res.uri == str(out)
+    assert isinstance(res.calibration, Calibration) and res.tta_calibration is None
+    assert res.threshold == res.metrics["threshold"] == read_manifest(out)["threshold"]
+    assert {"oof", "test", "folds", "model"} <= set(res.metrics)
+    with pytest.raises(UserError, match="already holds an ensemble artifact"):
+        run_final(cfg, str(out))  # refused before data and Ray
+
+
 # ------------------------------------------------------------------ fast checks (no Ray started)
 def test_run_name_hashes_only_what_determines_the_weights(synth_root):
     """Issue 14.9: rerunning final after a crash with another TTA/calibration setting, GPU share,

@@ -258,24 +258,26 @@ def test_sampler_sets_constant_liar_explicitly():
 def test_new_search_stores_data_root_absolute(synth_root, tmp_path, monkeypatch):
     """Issue 14.11: a relative --data is stored resolved, so best_config.yaml works from any
     folder (`final --from` run elsewhere)."""
-    from leuk_ray.search import _setup, build_parser
+    from leuk_ray.config import load_config
+    from leuk_ray.search import _setup
 
     monkeypatch.chdir(synth_root.parent)
-    args = build_parser().parse_args(["--smoke-test", "--data", synth_root.name,
-                                      "--storage-path", str(tmp_path / "results"), "--name", "s"])
-    cfg, _, _, _ = _setup(args)
+    cfg, _, _, _ = _setup(load_config(None, [f"data.root={synth_root.name}"], smoke=True),
+                          space=None, storage_path=str(tmp_path / "results"), name="s",
+                          num_samples=None, resume=False, smoke=True)
     assert cfg.data.root == str(synth_root.resolve())
 
 
 def test_num_samples_zero_is_refused(synth_root, tmp_path):
     """Issue 14.11: --num-samples 0 was silently replaced by search.num_samples."""
+    from leuk_ray.config import load_config
     from leuk_ray.errors import UserError
-    from leuk_ray.search import _setup, build_parser
+    from leuk_ray.search import run_search
 
-    args = build_parser().parse_args(["--smoke-test", "--data", str(synth_root), "--num-samples",
-                                      "0", "--storage-path", str(tmp_path / "r"), "--name", "s"])
+    cfg = load_config(None, [f"data.root={synth_root}"], smoke=True)
     with pytest.raises(UserError, match="--num-samples 0: use a positive number"):
-        _setup(args)
+        run_search(cfg, storage_path=str(tmp_path / "r"), name="s", num_samples=0, smoke=True)
+    assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
 def test_retired_search_metric_is_ignored_with_a_warning(tmp_path, capsys):
@@ -314,6 +316,35 @@ def test_search_with_a_boolean_choice_writes_a_typed_best_config(synth_root, tmp
     rows = csv_rows(storage / "b1" / "trials.csv")
     assert [row["status"] for row in rows] == ["completed"] and best["trial_id"] == rows[0]["trial_id"]
     assert "train.amp=True" in r.stdout
+
+
+@pytest.mark.slow
+def test_run_search_is_a_python_api_with_typed_results(ray_data, tmp_path):
+    """Issue 14 (shape): what the command does, callable from a notebook: ``run_search`` returns
+    the trials' typed rows and the best config as a ``Config``, not text to parse."""
+    import ray
+
+    from leuk_ray.config import Config, load_config
+    from leuk_ray.search import SearchResult, run_search
+
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    cfg = load_config(None, [f"data.root={ray_data}", "train.epochs=2",
+                             "search.max_concurrent=1"], smoke=True)
+    try:
+        res = run_search(cfg, space=space, storage_path=str(tmp_path / "results"), name="api",
+                         num_samples=2, num_cpus=2, smoke=True)
+    finally:
+        ray.shutdown()
+    assert isinstance(res, SearchResult) and not res.interrupted
+    assert res.uri == str(tmp_path / "results" / "api") and len(res.rows) == 2
+    assert res.count("completed") + res.count("pruned") == 2
+    assert isinstance(res.best_config, Config) and res.best is not None
+    assert res.best_config.train.lr == res.best["train.lr"] == 3.0e-3  # the first: point, typed
+    assert isinstance(res.best["mean_val_f1"], float)
+    saved = yaml.safe_load((tmp_path / "results" / "api" / "best_config.yaml").read_text())
+    assert saved["trial_id"] == res.best["trial_id"]
+    assert cfg.search.name == ""  # the caller's config is not changed
 
 
 @pytest.mark.slow
