@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from leuk_ray import cluster
 from leuk_ray.cli import check_port_free, run_main
 from leuk_ray.errors import UserError
+from leuk_ray.storage import RunFiles, resolve_storage
 
 LOOPBACK = "127.0.0.1"
 
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from None
     from leuk_ray.search_report import load_search_study
 
-    files = cluster.RunFiles.from_path(cluster.resolve_storage(args.search_dir))
+    files = RunFiles.from_path(resolve_storage(args.search_dir))
     study, _ = load_search_study(files)
     check_port_free(args.host, args.port)
     storage = study._storage  # noqa: SLF001  (the same database the search writes)

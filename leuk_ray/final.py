@@ -44,7 +44,9 @@ from leuk_ray.engine import load_checkpoint
 from leuk_ray.errors import UserError
 from leuk_ray.fold_trainer import VAL_ROWS, ValidationRows, fold_file, run_folds
 from leuk_ray.metrics import bootstrap_ci, classification_metrics
+from leuk_ray.placement import worker_bundle
 from leuk_ray.report import write_report
+from leuk_ray.storage import RunFiles, check_shared_storage, check_storage
 from leuk_ray.weights import WeightsInfo, check_weights
 
 
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_target(files: cluster.RunFiles, overwrite: bool) -> None:
+def check_target(files: RunFiles, overwrite: bool) -> None:
     """Before any work: refuse an output that holds an artifact (without --overwrite) or other
     files (always), so nothing there is lost and no training is wasted."""
     built = [f for f in ("manifest.json", "comparison.json") if files.exists(f)]
@@ -94,7 +96,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
     source = None
     base: dict | None = None
     if args.from_dir:
-        search = cluster.RunFiles.from_path(args.from_dir)
+        search = RunFiles.from_path(args.from_dir)
         if not search.pull("best_config.yaml"):
             raise UserError(f"{search.uri}/best_config.yaml: not found; --from takes a finished "
                             "search's directory (the one holding best_config.yaml)")
@@ -253,7 +255,7 @@ def score_folds(cfg: Config, states: Sequence[dict], oof: OutOfFold,
     comes back is typed data; this driver never builds a model."""
     import ray
 
-    bundle = dict(cluster.worker_bundle(cfg))  # what Ray Train reserves for a fold worker
+    bundle = dict(worker_bundle(cfg))  # what Ray Train reserves for a fold worker
     task = ray.remote(score_fold).options(
         num_cpus=bundle.pop("CPU", 0.0), num_gpus=bundle.pop("GPU", 0.0),
         memory=bundle.pop("memory", None), resources=bundle or None,
@@ -366,7 +368,7 @@ class FinalResult:
         return self.calibration.threshold
 
 
-def build_final(cfg: Config, prepared: PreparedData, files: cluster.RunFiles,
+def build_final(cfg: Config, prepared: PreparedData, files: RunFiles,
                 *, label: str = "", smoke: bool = False) -> FinalResult:
     """Train the folds, calibrate on OOF, evaluate, write the artifact."""
     runs = f"{files.storage}/.{files.name}.runs"  # fold checkpoints: a rerun resumes from them
@@ -529,7 +531,7 @@ def run_final(configs: Config | Mapping[str, Config], out: str, *, overwrite: bo
             if getattr(c.data, key) != getattr(first.data, key):
                 raise UserError(f"configs to compare differ in data.{key}; they must be trained "
                                 "on the same folds")
-    files = cluster.RunFiles.from_path(out)  # s3:// artifacts are built locally, then uploaded
+    files = RunFiles.from_path(out)  # s3:// artifacts are built locally, then uploaded
     check_target(files, overwrite)
     print(f"final: config from {source or 'the caller'}; artifact -> {files.uri}", flush=True)
     prepared = prepare_data(first.data)  # refuses test subjects that also appear in training
@@ -538,15 +540,15 @@ def run_final(configs: Config | Mapping[str, Config], out: str, *, overwrite: bo
     n_test = 0 if prepared.test is None else int((prepared.test["label"] >= 0).sum())
     print(f"data: {len(prepared.train)} images in {prepared.n_folds} folds, {n_test} labelled test "
           "images", flush=True)
-    cluster.check_storage(files.storage)
+    check_storage(files.storage)
     dashboard = cluster.connect(address, num_cpus=num_cpus)
     if dashboard:
         print(f"dashboard: {dashboard}", flush=True)
-    cluster.check_shared_storage(files.storage, first)
+    check_shared_storage(files.storage, first)
     if named is None:
         return build_final(first, prepared, files, smoke=smoke)
     # the split depends only on FOLD_KEYS, which the configs share: one split serves them all
-    results = {n: build_final(c, prepared, cluster.RunFiles(files.uri, n), label=f"[{n}] ",
+    results = {n: build_final(c, prepared, RunFiles(files.uri, n), label=f"[{n}] ",
                               smoke=smoke) for n, c in named.items()}
     files.local.mkdir(parents=True, exist_ok=True)
     write_comparison(files.local, {n: r.metrics for n, r in results.items()})
@@ -561,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_weights(cfg.model)  # before reading --compare's search: the first mistake first
     compare_cfg = None
     if args.compare:
-        search = cluster.RunFiles.from_path(args.compare)
+        search = RunFiles.from_path(args.compare)
         if not search.pull("best_config.yaml"):
             raise UserError(f"{search.uri}/best_config.yaml: not found; --compare takes a finished "
                             "search's directory")
@@ -580,12 +582,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if compare_cfg is None:
         res = run_final(cfg, target, **common)
         print(f"report:   {res.uri}/report/report.md")
-        local = cluster.RunFiles.from_path(res.uri).local  # predict reads a local copy
+        local = RunFiles.from_path(res.uri).local  # predict reads a local copy
         print(f"predict:  python -m leuk_ray.predict --model {local} IMAGES_OR_FOLDERS")
         return 0
     mine = args.preset or (source.stem if source else "config")
     run_final({mine: cfg, "search": compare_cfg}, target, **common)
-    files = cluster.RunFiles.from_path(target)
+    files = RunFiles.from_path(target)
     print(f"\ncomparison: {files.uri}/comparison.md")
     print((files.local / "comparison.md").read_text())
     return 0

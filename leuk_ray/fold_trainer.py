@@ -37,10 +37,10 @@ from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VA
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
 from leuk_ray import console
-from leuk_ray.cluster import check_placement, worker_bundle
 from leuk_ray.config import Config, from_dict, to_dict
 from leuk_ray.data import PreparedData
 from leuk_ray.errors import NonFiniteLossError, UserError
+from leuk_ray.placement import check_placement, worker_bundle
 
 SCORE = "mean_val_f1"  # mean over folds of each fold's best validation weighted F1 so far
 # Ray Train's controller checks on its workers every 2 s by default, which is also how long it
@@ -394,7 +394,7 @@ def run_folds(cfg: Config, prepared: PreparedData, *, storage_path: str, name: s
     """Train all folds to the end (used by the final job); returns the last metrics.
 
     A user error a fold worker reported is raised here, as a ``UserError``; folds that cannot be
-    placed on the cluster are refused before Ray Train starts (``cluster.check_placement``); a
+    placed on the cluster are refused before Ray Train starts (``check_placement``); a
     run that failed for good (restarts exhausted) raises ``FoldsFailedError`` saying why.
     """
     check_placement(cfg, prepared.n_folds, driver=False)  # this process is the driver

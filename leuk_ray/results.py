@@ -19,8 +19,8 @@ from typing import Any
 
 from ray import tune
 
-from leuk_ray import cluster
 from leuk_ray.fold_trainer import SCORE
+from leuk_ray.storage import RunFiles, is_uri
 from leuk_ray.study import STUDY_FILE, asha_reason
 from leuk_ray.tune_ext import experiment_files, read_pruned
 
@@ -132,7 +132,7 @@ def drop_fold_checkpoints(folds_uri: str, trial_id: str) -> None:
     target = f"{folds_uri.rstrip('/')}/{trial_id}"
     if not trial_id:
         return
-    if not cluster.is_uri(target):
+    if not is_uri(target):
         shutil.rmtree(target, ignore_errors=True)
         return
     import pyarrow.fs as pafs
@@ -153,7 +153,7 @@ class SearchProgress(tune.Callback):
         self.last_status = time.time()
         # where the experiment is: bound at run time from the trials (see experiment_files), as
         # this object is pickled into the experiment and restored by Tuner.restore elsewhere
-        self.files: cluster.RunFiles | None = None
+        self.files: RunFiles | None = None
         self.exp_dir: Path | None = None
         self.ended: dict[str, str] = {}  # trial id -> completed/failed, as Tune tells us
         self.to_drop: dict[str, float] = {}  # pruned/failed trial id -> when it ended
@@ -194,7 +194,7 @@ class SearchProgress(tune.Callback):
             text += f"; best {best['mean_val_f1']:.4f} (trial {best['trial_id']})"
         print(f"status: {text}", flush=True)
 
-    def _bind(self, trial: Any) -> cluster.RunFiles:
+    def _bind(self, trial: Any) -> RunFiles:
         self.files = experiment_files(trial)
         self.exp_dir = self.files.local
         return self.files

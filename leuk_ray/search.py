@@ -34,9 +34,11 @@ from leuk_ray.curves import CurvesLogger
 from leuk_ray.data import PreparedData, prepare_data
 from leuk_ray.errors import UserError, user_error_in
 from leuk_ray.fold_trainer import SCORE
+from leuk_ray.placement import driver_bundle, max_concurrent_trials
 from leuk_ray.results import (DROPPED_STATUSES, SearchProgress, best_row, drop_fold_checkpoints,
                               result_row)
 from leuk_ray.search_space import SearchSpace, apply_params, load_space
+from leuk_ray.storage import RunFiles, check_shared_storage, check_storage, is_uri, resolve_storage
 from leuk_ray.study import (STUDY_FILE, PruneAwareOptunaSearch, make_sampler, open_storage,
                             study_url, write_optuna_trials)
 from leuk_ray.trial import trial_fn
@@ -118,7 +120,7 @@ def _check_same_folds(prepared: PreparedData, path: Path) -> None:
 
 def _setup(cfg: Config, *, space: str | Path | None, storage_path: str | None, name: str | None,
            num_samples: int | None, resume: bool, smoke: bool
-           ) -> tuple[Config, SearchSpace, cluster.RunFiles, int]:
+           ) -> tuple[Config, SearchSpace, RunFiles, int]:
     """Resolve config, space, storage and name; check the experiment's files (see run_search)."""
     if resume and not name:
         raise UserError("--resume needs --name NAME of the search to continue")
@@ -126,9 +128,9 @@ def _setup(cfg: Config, *, space: str | Path | None, storage_path: str | None, n
         raise UserError(f"--num-samples {num_samples}: use a positive number of trials "
                         "(leave it out for search.num_samples)")
     cfg = copy.deepcopy(cfg)
-    storage = cluster.resolve_storage(storage_path or cfg.search.storage_path)
+    storage = resolve_storage(storage_path or cfg.search.storage_path)
     name = name or cfg.search.name or time.strftime("search-%Y%m%d-%H%M%S")
-    files = cluster.RunFiles(storage, name)
+    files = RunFiles(storage, name)
     if resume:
         if not files.pull("config.yaml", "space.yaml"):
             raise UserError(f"{files.uri}: no search named '{name}' to resume there "
@@ -143,7 +145,7 @@ def _setup(cfg: Config, *, space: str | Path | None, storage_path: str | None, n
         return cfg, space, files, started
     if not cfg.data.root:
         raise UserError("no data: pass --data DIR (seed layout or the Kaggle C-NMC tree), or --demo")
-    if not cluster.is_uri(cfg.data.root):  # best_config.yaml must work from any folder
+    if not is_uri(cfg.data.root):  # best_config.yaml must work from any folder
         set_value(cfg, "data.root", str(Path(cfg.data.root).expanduser().resolve()),
                   where="--data")
     num_samples = num_samples if num_samples is not None else cfg.search.num_samples
@@ -158,7 +160,7 @@ def _setup(cfg: Config, *, space: str | Path | None, storage_path: str | None, n
     if taken:
         raise UserError(f"{files.uri} already exists: pass --resume to continue that search, or "
                         "another --name")
-    cluster.check_storage(storage)
+    check_storage(storage)
     if cfg.search.storage:  # a shared database: one study per search name
         names = optuna.get_all_study_names(open_storage(cfg.search.storage))
         if name in names:
@@ -171,7 +173,7 @@ def _setup(cfg: Config, *, space: str | Path | None, storage_path: str | None, n
     return cfg, search_space, files, num_samples
 
 
-def _create(files: cluster.RunFiles, cfg: Config, space: SearchSpace,
+def _create(files: RunFiles, cfg: Config, space: SearchSpace,
             prepared: PreparedData) -> None:
     """A new search's own files, written only once its config, space and data are good."""
     if files.remote:
@@ -189,8 +191,8 @@ def _trainable(cfg: Config, prepared: PreparedData, folds_path: str) -> Any:
     fn = tune.with_parameters(trial_fn, base=cfg, prepared=prepared, folds_path=folds_path)
     # Tune reserves the trial driver only (its CPU share, memory for it and the Ray Train
     # controller beside it, ray.driver_resource); Ray Train reserves the fold workers itself when
-    # the trial starts, so the concurrency bound (cluster.max_concurrent_trials) counts them
-    return tune.with_resources(fn, cluster.driver_bundle(cfg))
+    # the trial starts, so the concurrency bound (max_concurrent_trials) counts them
+    return tune.with_resources(fn, driver_bundle(cfg))
 
 
 @dataclass
@@ -241,12 +243,12 @@ def run_search(cfg: Config, *, space: str | Path | None = None, storage_path: st
           f"({'grouped by subject' if prepared.grouped_by_subject else 'IMAGE-LEVEL, not grouped'})",
           flush=True)
     dashboard = cluster.connect(address, num_cpus=num_cpus)
-    cluster.check_shared_storage(files.storage, cfg)
+    check_shared_storage(files.storage, cfg)
     if resume:
         _check_same_folds(prepared, exp_dir / "folds.csv")
     else:
         _create(files, cfg, space, prepared)
-    concurrent = cluster.max_concurrent_trials(cfg, prepared.n_folds)
+    concurrent = max_concurrent_trials(cfg, prepared.n_folds)
     print(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, "
           f"{ray.cluster_resources().get('GPU', 0):g} GPUs; up to {concurrent} trials at once"
           + (f"; dashboard {dashboard}" if dashboard else ""), flush=True)
@@ -352,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if res.dashboard:
         print(f"dashboard:   {res.dashboard} (Jobs and Actors pages; runs as long as this Ray does)")
     print(f"report:      {uri}/search_report.md")
-    if cluster.is_uri(uri):
+    if is_uri(uri):
         print(f"curves:      TensorBoard files in each trial folder under {uri} (copy them "
               "here, then tensorboard --logdir DIR)")
     else:

@@ -17,16 +17,16 @@ from typing import Any
 
 import optuna
 
-from leuk_ray import cluster
 from leuk_ray.cli import run_main
 from leuk_ray.config import config_from_yaml_with_extras
 from leuk_ray.errors import UserError
+from leuk_ray.storage import RunFiles, resolve_storage
 
 REPORT = "search_report.md"
 PLOTS = ("history.png", "curves.png", "importance.png", "slices.png")
 
 
-def load_search_study(files: cluster.RunFiles) -> tuple[optuna.Study, Any]:
+def load_search_study(files: RunFiles) -> tuple[optuna.Study, Any]:
     """The study of the search in ``files`` and the search's config."""
     from leuk_ray.study import STUDY_FILE, open_storage, study_path, study_url
 
@@ -181,7 +181,7 @@ def _close(a: Any, b: Any) -> bool:
     return a == b
 
 
-def write_report(files: cluster.RunFiles) -> Path:
+def write_report(files: RunFiles) -> Path:
     """``search_report.md`` and its PNGs in the run's (local) files; pushed for s3://."""
     study, cfg = load_search_study(files)
     trials = [t for t in study.trials if t.state != optuna.trial.TrialState.WAITING]
@@ -274,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "study; works while the search runs too.")
     p.add_argument("search_dir", metavar="SEARCH_DIR", help="a search's directory (or s3://...)")
     args = p.parse_args(argv)
-    files = cluster.RunFiles.from_path(cluster.resolve_storage(args.search_dir))
+    files = RunFiles.from_path(resolve_storage(args.search_dir))
     path = write_report(files)
     print(f"report: {files.uri}/{REPORT}" if files.remote else f"report: {path}")
     return 0

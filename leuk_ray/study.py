@@ -17,14 +17,14 @@ from typing import Any
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-from leuk_ray import cluster
 from leuk_ray.config import Config
 from leuk_ray.errors import UserError
+from leuk_ray.storage import RunFiles
 
 STUDY_FILE = "study.db"
 
 
-def study_path(files: cluster.RunFiles) -> Path:
+def study_path(files: RunFiles) -> Path:
     """``study.db`` where the search's trials keep their files at run time (``experiment_files``):
     the run directory itself for a local path and for file:// (a local filesystem to Tune, so its
     trials write there, not to the driver's mirror); the driver's mirror for s3:// and the like,
@@ -34,7 +34,7 @@ def study_path(files: cluster.RunFiles) -> Path:
     return files.local / STUDY_FILE
 
 
-def study_url(cfg: Config, files: cluster.RunFiles) -> str:
+def study_url(cfg: Config, files: RunFiles) -> str:
     """Where the search's Optuna study lives: ``search.storage``, else ``study_path``."""
     return cfg.search.storage or f"sqlite:///{study_path(files)}"
 
@@ -235,7 +235,7 @@ def make_sampler(seed: int) -> optuna.samplers.TPESampler:
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
-def write_optuna_trials(files: cluster.RunFiles, cfg: Config) -> bool:
+def write_optuna_trials(files: RunFiles, cfg: Config) -> bool:
     """``optuna_trials.csv`` in the run's (local) files: the study as Optuna holds it, each trial's
     state (COMPLETE, PRUNED or FAIL), value, parameters and user attributes. False when the
     study has no trial (none was ever proposed)."""

@@ -19,7 +19,7 @@ import yaml
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from leuk_ray import cluster
+from leuk_ray.storage import RunFiles
 
 # Not .json/.pkl: on restore Tune copies every .json/.pkl of the experiment into its staging dir and
 # later uploads them back, which would overwrite these with the copies from restore time.
@@ -28,7 +28,7 @@ ASHA_STATE_FILE = "asha_state.pickle"
 
 
 # ------------------------------------------------------------------------ ASHA that survives resume
-def experiment_files(trial: Any) -> cluster.RunFiles:
+def experiment_files(trial: Any) -> RunFiles:
     """The experiment's own files where Tune has the experiment now.
 
     Resolved at run time from the trial's storage (Tune's ``StorageContext``, which
@@ -36,7 +36,7 @@ def experiment_files(trial: Any) -> cluster.RunFiles:
     search started: a search resumed on another machine, from a copied or moved experiment
     directory, or from s3:// writes beside its experiment, not where it first ran.
     """
-    return cluster.RunFiles.from_fs(trial.storage.storage_filesystem,
+    return RunFiles.from_fs(trial.storage.storage_filesystem,
                                     trial.storage.experiment_fs_path)
 
 
@@ -103,7 +103,7 @@ class ResumableASHA(FollowsExperiment, ASHAScheduler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._files: cluster.RunFiles | None = None
+        self._files: RunFiles | None = None
         self._loaded = False
         self.pruned: dict[str, int] = {}
         self.pruned_results: dict[str, dict[str, Any]] = {}  # trial id -> the result it stopped on
@@ -120,7 +120,7 @@ class ResumableASHA(FollowsExperiment, ASHAScheduler):
             state.pop(k, None)
         self.__dict__.update(state)
 
-    def _bind(self, trial: Any) -> cluster.RunFiles:
+    def _bind(self, trial: Any) -> RunFiles:
         """On first use: find the experiment (from ``trial``) and load the state saved there."""
         if not self._loaded or self._files is None:
             self._files = experiment_files(trial)

@@ -215,9 +215,9 @@ def _art(dest: Path) -> Path:
 def test_final_refuses_an_existing_artifact_unless_overwrite(tmp_path):
     """Issue 14.11: final silently replaced an existing ensemble/; now it refuses before any
     work unless --overwrite, and never writes into a folder that is not an artifact."""
-    from leuk_ray.cluster import RunFiles
     from leuk_ray.errors import UserError
     from leuk_ray.final import check_target
+    from leuk_ray.storage import RunFiles
 
     art = _art(tmp_path / "search" / "ensemble")
     with pytest.raises(UserError, match="already holds an ensemble artifact.*--overwrite"):

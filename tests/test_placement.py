@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from search_helpers import csv_rows, search_cmd
 
-from leuk_ray.cluster import MIB, _why_not, trials_that_fit
 from leuk_ray.config import load_config
 from leuk_ray.errors import UserError
+from leuk_ray.placement import MIB, _why_not, trials_that_fit
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = {"CPU": 0.01}
@@ -64,13 +64,13 @@ def test_autoscaling_is_read_from_the_launcher_config(tmp_path, monkeypatch):
     """The cluster launcher leaves its config on the head: this repository's cluster.yaml scales
     (GPU node types from 0 up); without such a file (a local Ray, a fixed cluster) nothing does.
     A read-only autoscaler runs on fixed clusters too, so its status is no sign."""
-    from leuk_ray import cluster
+    from leuk_ray import placement
 
-    monkeypatch.setattr(cluster, "BOOTSTRAP_CONFIG", ROOT / "cluster.yaml")
-    types, scales = cluster._autoscaler_node_types()
+    monkeypatch.setattr(placement, "BOOTSTRAP_CONFIG", ROOT / "cluster.yaml")
+    types, scales = placement._autoscaler_node_types()  # noqa: SLF001
     assert scales and {"CPU": 4.0, "GPU": 1.0} in types
-    monkeypatch.setattr(cluster, "BOOTSTRAP_CONFIG", tmp_path / "absent.yaml")
-    assert cluster._autoscaler_node_types() == ([], False)
+    monkeypatch.setattr(placement, "BOOTSTRAP_CONFIG", tmp_path / "absent.yaml")
+    assert placement._autoscaler_node_types() == ([], False)  # noqa: SLF001
 
 
 def test_trainer_settings_follow_the_config(ray_data, tmp_path, monkeypatch):
@@ -172,7 +172,7 @@ def test_fake_gpus_one_per_fold_shares_pack_and_unusable_cuda_fails(gpu_cluster,
         _run(ray_data, tmp_path, "big", "ray.gpus_per_worker=3", "train.device=cpu")
     assert not (tmp_path / "big").exists()
     # ... unless the cluster autoscales: then it is a warning (not started here: it would wait)
-    from leuk_ray.cluster import check_placement
+    from leuk_ray.placement import check_placement
 
     cfg = load_config(smoke=True, overrides=["ray.gpus_per_worker=3", "ray.autoscaling=true"])
     assert check_placement(cfg, 2) == 1

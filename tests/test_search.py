@@ -228,8 +228,8 @@ def test_fold_checkpoints_of_pruned_and_failed_trials_are_dropped_after_they_end
     """Issue 14.10: folds/<trial> was never cleaned. A pruned or failed trial's fold checkpoints
     go once its workers are surely gone (DROP_AFTER_S after it ended); a completed trial's stay
     (a resumed search must find it finished), as do those of trials still running."""
-    from leuk_ray.cluster import RunFiles
     from leuk_ray.results import DROP_AFTER_S, SearchProgress, drop_fold_checkpoints
+    from leuk_ray.storage import RunFiles
 
     files = RunFiles(str(tmp_path), "s")
     for tid in ("old", "new", "done", "running"):

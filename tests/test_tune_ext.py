@@ -22,7 +22,7 @@ import pyarrow.fs as pafs  # noqa: E402
 from ray.train._internal.storage import StorageContext  # noqa: E402
 from ray.tune.experiment import Trial  # noqa: E402
 
-from leuk_ray.cluster import RunFiles  # noqa: E402
+from leuk_ray.storage import RunFiles  # noqa: E402
 from leuk_ray.results import SearchProgress  # noqa: E402
 from leuk_ray.tune_ext import (  # noqa: E402
     ASHA_STATE_FILE, PRUNED_FILE, FollowingFIFO, ResumableASHA,
