@@ -52,6 +52,7 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from leuk_ray.atomic import replacing
 from leuk_ray.config import Config, to_dict
 from leuk_ray.data.transforms import Preprocessing, preprocessing_for, to_model_input
 from leuk_ray.errors import NonFiniteLossError, UserError
@@ -625,15 +626,8 @@ def fit_fold(cfg: Config, train_ds: Dataset, val_ds: Dataset, *, fold: int = 0,
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """torch.save to a temporary file beside ``path``, then an atomic rename."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
+    with replacing(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from leuk_ray.artifact import MANIFEST, Ensemble, leuk_ray_version, load_artifact
+from leuk_ray.atomic import replacing
 from leuk_ray.calibration import EPS, Calibration
 from leuk_ray.cli import run_main
 from leuk_ray.data.transforms import Preprocessing, to_model_input
@@ -122,9 +122,7 @@ def export_onnx(ensemble: Ensemble, out: str | Path) -> Path:
     size = ensemble.image_size
     example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
     p = Path(out).expanduser().absolute()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.partial")
-    try:
+    with replacing(p) as tmp:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based exporter
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # constants: as intended
@@ -138,9 +136,6 @@ def export_onnx(ensemble: Ensemble, out: str | Path) -> Path:
                             "fold models, per-fold temperature and mean inside")
         onnx.checker.check_model(model)
         onnx.save(model, str(tmp))
-        os.replace(tmp, p)
-    finally:
-        tmp.unlink(missing_ok=True)
     return p
 
 

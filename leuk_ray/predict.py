@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from leuk_ray.artifact import Ensemble, load_artifact
+from leuk_ray.atomic import replacing
 from leuk_ray.cli import run_main
 from leuk_ray.data import IMAGE_EXTS, CellDataset, ImageDecodeError, read_image
 from leuk_ray.data.decode import is_image_name
@@ -143,14 +144,11 @@ def predict_paths(ensemble: Ensemble, paths: Sequence[str | Path], *, tta: bool 
 def write_csv(rows: Sequence[Prediction], out: str | Path) -> Path:
     """Write ``path,prob_all,pred`` atomically (temporary file, then rename)."""
     p = Path(out).expanduser()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.partial")
-    with open(tmp, "w", newline="") as f:
+    with replacing(p) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(Prediction._fields)
         for r in rows:
             w.writerow([r.path, f"{r.prob_all:.6f}", r.pred])
-    os.replace(tmp, p)
     return p
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from ray import tune
 
+from leuk_ray.atomic import replacing
 from leuk_ray.fold_trainer import SCORE
 from leuk_ray.storage import RunFiles, is_uri
 from leuk_ray.study import STUDY_FILE, asha_reason
@@ -105,13 +105,10 @@ def write_trials_csv(trials: list, space_keys: list[str], path: Path,
     fields: list[str] = []
     for r in rows:
         fields += [k for k in r if k not in fields]
-    path.parent.mkdir(parents=True, exist_ok=True)  # the mirror of an s3:// experiment
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
+    with replacing(path) as tmp, tmp.open("w", newline="") as f:  # (creates an s3:// mirror)
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
     return rows
 
 

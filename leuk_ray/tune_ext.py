@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import yaml
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from leuk_ray.atomic import replacing, write_text
 from leuk_ray.storage import RunFiles
 
 # Not .json/.pkl: on restore Tune copies every .json/.pkl of the experiment into its staging dir and
@@ -133,14 +133,9 @@ class ResumableASHA(FollowsExperiment, ASHAScheduler):
     def _save(self) -> None:
         files = self._files
         assert files is not None, "ResumableASHA saved before it saw a trial"
-        files.local.mkdir(parents=True, exist_ok=True)
-        state, pruned = files.local / ASHA_STATE_FILE, files.local / PRUNED_FILE
-        tmp = state.with_suffix(".tmp")
-        self.save(str(tmp))
-        os.replace(tmp, state)
-        tmp = pruned.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.pruned))  # JSON is YAML
-        os.replace(tmp, pruned)
+        with replacing(files.local / ASHA_STATE_FILE) as tmp:
+            self.save(str(tmp))
+        write_text(files.local / PRUNED_FILE, json.dumps(self.pruned))  # JSON is YAML
         files.push(ASHA_STATE_FILE, PRUNED_FILE)  # s3://...: uploaded before the STOP is returned
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:

@@ -54,6 +54,7 @@ import timm
 import torch
 from torch import nn
 
+from leuk_ray.atomic import replacing
 from leuk_ray.config import ModelConfig
 from leuk_ray.errors import UserError
 
@@ -419,13 +420,11 @@ def _cached_file(sd: dict[str, torch.Tensor], info: WeightsInfo) -> Path:
     path = d / f"{info.architecture}-{info.sha256[:16]}-v{CACHE_VERSION}.safetensors"
     if path.is_file():
         return path
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}"
-    try:
-        save_file(sd, str(tmp), metadata={"architecture": info.architecture, "format": "pt",
-                                          "source": info.source, "source_file": info.file,
-                                          "source_sha256": info.sha256})
-        os.replace(tmp, path)  # atomic: concurrent fold workers write the same bytes
+    try:  # atomic: concurrent fold workers write the same bytes
+        with replacing(path) as tmp:
+            save_file(sd, str(tmp), metadata={"architecture": info.architecture, "format": "pt",
+                                              "source": info.source, "source_file": info.file,
+                                              "source_sha256": info.sha256})
     except OSError as e:
         raise UserError(f"{d}: cannot write the converted weights ({e}); set LEUK_RAY_CACHE_DIR "
                         "to a writable folder") from None

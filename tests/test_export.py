@@ -110,7 +110,7 @@ def test_cli_writes_a_verified_file(artifact, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "model.onnx").is_file()
     assert "ONNX Runtime matches predict" in r.stdout
-    assert not list((tmp_path / "out").glob(".*partial"))
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary file left behind
 
 
 def test_cli_tampered_artifact_is_one_line_exit_2(artifact, tmp_path):

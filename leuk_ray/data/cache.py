@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from leuk_ray.atomic import replacing
 from leuk_ray.config import DataConfig
 from leuk_ray.data.decode import DEFAULT_INTERPOLATION, ImageDecodeError, read_image
 from leuk_ray.data.index import cache_dir
@@ -235,13 +236,6 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def _open_ready(npy: Path, meta: Path, size: int,
                 interpolation: str) -> tuple[CachedImages, list[str]] | None:
     """The cache at ``npy`` if its sidecar says it is complete and the shapes agree, else None."""
@@ -260,29 +254,17 @@ def _open_ready(npy: Path, meta: Path, size: int,
 def _build(npy: Path, meta: Path, paths: list[str], size: int, threads: int | None,
            interpolation: str) -> None:
     """Decode into a temporary file beside ``npy``, fsync, rename; then the sidecar (the mark)."""
-    tmp = npy.with_name(f".{npy.name}.tmp{os.getpid()}")
-    try:
+    with replacing(npy, fsync=True) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                         shape=(len(paths), size, size, 3))
         bad = decode_into(arr, paths, size, threads, interpolation)
         arr.flush()
         del arr
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, npy)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     side = {"decoder_version": DECODER_VERSION, "image_size": size,
             "interpolation": interpolation, "paths": paths, "bad": bad,
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    mtmp = meta.with_name(f".{meta.name}.tmp{os.getpid()}")
-    try:
-        _fsync_write(mtmp, json.dumps(side).encode())
-        os.replace(mtmp, meta)
-    finally:
-        if mtmp.exists():
-            mtmp.unlink()
+    with replacing(meta, fsync=True) as tmp:
+        tmp.write_bytes(json.dumps(side).encode())
 
 
 def node_cache(paths: Sequence[str], size: int, directory: str | Path | None = None,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from leuk_ray.atomic import replacing
 from leuk_ray.data.decode import decode_bytes, read_bytes
 from leuk_ray.data.layouts import scan
 from leuk_ray.data.subjects import parse_name
@@ -59,11 +59,8 @@ def _load_cache(f: Path) -> dict[str, list]:
 def _save_cache(f: Path, files: dict[str, list]) -> None:
     """Best effort, atomic: a cache that cannot be written only costs time next run."""
     try:
-        f.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=f.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
+        with replacing(f) as tmp, tmp.open("w") as fh:
             json.dump({"version": _CACHE_VERSION, "files": files}, fh, separators=(",", ":"))
-        os.replace(tmp, f)
     except OSError:
         pass
 
