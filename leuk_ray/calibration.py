@@ -43,26 +43,11 @@ from typing import Any
 
 import numpy as np
 
-from leuk_ray.metrics import f1_from_counts
+from leuk_ray.metrics import f1_from_counts, labelled
 
 EPS = 1e-7
 T_MIN, T_MAX = 0.05, 20.0
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
-
-
-def _clean(y_true: Sequence[int] | np.ndarray, prob_all: Sequence[float] | np.ndarray,
-           what: str) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(y_true, dtype=np.int64).ravel()
-    p = np.asarray(prob_all, dtype=np.float64).ravel()
-    if y.shape != p.shape:
-        raise ValueError(f"{what}: {y.size} labels but {p.size} probabilities")
-    keep = y >= 0
-    y, p = y[keep], p[keep]
-    if y.size == 0:
-        raise ValueError(f"{what}: no labelled rows")
-    if not np.isfinite(p).all():
-        raise ValueError(f"{what}: probabilities contain NaN or infinite values")
-    return y, p
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -95,7 +80,7 @@ def fit_temperature(y_true: Sequence[int] | np.ndarray, prob_all: Sequence[float
     Golden-section search on log T over [t_min, t_max] (the NLL is unimodal in log T). Returns 1.0
     when only one class is present (the NLL would push T to a bound without meaning anything).
     """
-    y, p = _clean(y_true, prob_all, "fit_temperature")
+    y, p = labelled("fit_temperature", y_true, prob_all)
     if np.unique(y).size < 2:
         return 1.0
     z = _logit(p)
@@ -140,7 +125,7 @@ def choose_threshold(y_true: Sequence[int] | np.ndarray,
     Candidates: 0.5 and the midpoints between consecutive distinct probabilities. Ties go to the
     candidate closest to 0.5.
     """
-    y, p = _clean(y_true, prob_all, "choose_threshold")
+    y, p = labelled("choose_threshold", y_true, prob_all)
     u = np.unique(p)
     candidates = np.concatenate([[0.5], (u[:-1] + u[1:]) / 2.0])
     scores = weighted_f1_at(y, p, candidates)

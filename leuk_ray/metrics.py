@@ -13,10 +13,32 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 ECE_BINS = 10
+
+
+def labelled(what: str, y_true: Sequence[int] | np.ndarray, prob_all: Sequence[float] | np.ndarray,
+             *aligned: Sequence[Any]) -> tuple[np.ndarray, ...]:
+    """``(y, p, *aligned)`` as flat arrays with the unlabelled rows (label < 0, e.g. an unlabelled
+    test folder) dropped: int labels, float probabilities, the ``aligned`` sequences (subjects,
+    fold numbers) as object arrays. A ``ValueError`` naming ``what`` when the lengths differ, no
+    row is labelled, or a probability is NaN or infinite."""
+    y = np.asarray(y_true, dtype=np.int64).ravel()
+    p = np.asarray(prob_all, dtype=np.float64).ravel()
+    extra = [np.asarray(list(a), dtype=object).ravel() for a in aligned]
+    if any(len(a) != y.size for a in [p, *extra]):
+        raise ValueError(f"{what}: {y.size} labels but " + ", ".join(
+            [f"{p.size} probabilities"] + [f"{len(a)} aligned values" for a in extra]))
+    keep = y >= 0
+    if not keep.any():
+        raise ValueError(f"{what}: no labelled rows")
+    y, p = y[keep], p[keep]
+    if not np.isfinite(p).all():
+        raise ValueError(f"{what}: probabilities contain NaN or infinite values")
+    return (y, p, *(a[keep] for a in extra))
 
 
 def classification_metrics(y_true: Sequence[int] | np.ndarray,
@@ -31,18 +53,11 @@ def classification_metrics(y_true: Sequence[int] | np.ndarray,
     rows), per_subject_accuracy ({subject: accuracy} over known subjects when ``subjects`` is
     given, else {}).
     """
-    y = np.asarray(y_true, dtype=np.int64).ravel()
-    p = np.asarray(prob_all, dtype=np.float64).ravel()
-    if y.shape != p.shape:
-        raise ValueError(f"classification_metrics: {y.size} labels but {p.size} probabilities")
-    if subjects is not None and len(subjects) != y.size:
-        raise ValueError(f"classification_metrics: {y.size} labels but {len(subjects)} subjects")
-    keep = y >= 0
-    y, p = y[keep], p[keep]
-    if y.size == 0:
-        raise ValueError("classification_metrics: no labelled rows")
-    if not np.isfinite(p).all():
-        raise ValueError("classification_metrics: prob_all contains NaN or infinite values")
+    if subjects is None:
+        y, p = labelled("classification_metrics", y_true, prob_all)
+    else:
+        y, p, s = labelled("classification_metrics", y_true, prob_all,
+                           [str(x) for x in subjects])
     pred = (p >= threshold).astype(np.int64)
 
     prec, rec, f1s, support = precision_recall_f1(y, pred)
@@ -59,7 +74,6 @@ def classification_metrics(y_true: Sequence[int] | np.ndarray,
         "per_subject_accuracy": {},
     }
     if subjects is not None:
-        s = np.asarray([str(x) for x in subjects], dtype=object)[keep]
         correct = pred == y
         out["per_subject_accuracy"] = {
             str(subj): float(correct[s == subj].mean()) for subj in sorted(set(s)) if subj != ""}
@@ -172,16 +186,7 @@ def bootstrap_ci(y_true: Sequence[int] | np.ndarray, prob_all: Sequence[float] |
     interval; ``n_valid`` says how many resamples each interval uses. Returns {"n_images",
     "n_subjects", "n_boot", "level", "seed", metric: {"low", "high", "n_valid"}}.
     """
-    y = np.asarray(y_true, dtype=np.int64).ravel()
-    p = np.asarray(prob_all, dtype=np.float64).ravel()
-    s = np.asarray([str(x) for x in subjects], dtype=object)
-    if not (y.shape == p.shape == s.shape):
-        raise ValueError(f"bootstrap_ci: {y.size} labels, {p.size} probabilities, "
-                         f"{s.size} subjects")
-    keep = y >= 0
-    y, p, s = y[keep], p[keep], s[keep]
-    if y.size == 0:
-        raise ValueError("bootstrap_ci: no labelled rows")
+    y, p, s = labelled("bootstrap_ci", y_true, prob_all, [str(x) for x in subjects])
     alone = np.array([f"(no subject) row {i}" for i in range(s.size)], dtype=object)
     s = np.where(s == "", alone, s)
     names, group = np.unique(s.astype(str), return_inverse=True)

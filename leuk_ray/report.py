@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from leuk_ray.metrics import expected_calibration_error, reliability_bins  # noqa: E402
+from leuk_ray.metrics import expected_calibration_error, labelled, reliability_bins  # noqa: E402
 
 CLASS_NAMES = ("hem", "all")
 PLOTS = ("roc.png", "confusion.png", "folds.png", "calibration.png")
@@ -216,14 +216,10 @@ def write_report(report_dir: str | Path, *, title: str, metrics: dict,
     """
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
-    y_all = np.asarray(y_true, dtype=np.int64).ravel()
-    p_all = np.asarray(prob_all, dtype=np.float64).ravel()
-    if y_all.shape != p_all.shape:
-        raise ValueError(f"write_report: {y_all.size} labels but {p_all.size} probabilities")
-    keep = y_all >= 0
-    y, p = y_all[keep], p_all[keep]
-    subj = np.asarray([str(s) for s in subjects], dtype=object)[keep] if subjects is not None \
-        else None
+    if subjects is None:
+        (y, p), subj = labelled("write_report", y_true, prob_all), None
+    else:
+        y, p, subj = labelled("write_report", y_true, prob_all, [str(s) for s in subjects])
     pred = (p >= threshold).astype(np.int64)
 
     has_roc = plot_roc(out / "roc.png", y, p, metrics.get("auc"))

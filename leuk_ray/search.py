@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from leuk_ray.cli import common_parser, config_from_args, run_main
 from leuk_ray.config import Config, config_from_yaml_with_extras, save_config, set_value
 from leuk_ray.curves import CurvesLogger
 from leuk_ray.data import PreparedData, prepare_data
+from leuk_ray.data.synth import demo_data
 from leuk_ray.errors import UserError, user_error_in
 from leuk_ray.fold_trainer import SCORE
 from leuk_ray.placement import driver_bundle, max_concurrent_trials
@@ -78,19 +77,6 @@ def _resolve_space_path(arg: str | None, cfg: Config, smoke: bool) -> Path:
     if not p.is_file() and not p.is_absolute() and (REPO_ROOT / p).is_file():
         p = REPO_ROOT / p
     return p
-
-
-def _demo_data(seed: int) -> str:
-    from leuk_ray.data.synth import make_synthetic
-
-    root = Path(tempfile.gettempdir()) / f"leuk_ray_demo_{seed}"
-    if not (root / "train").is_dir():
-        print(f"generating the synthetic demo set in {root} ...", flush=True)
-        tmp = Path(tempfile.mkdtemp(prefix="leuk_ray_demo_tmp_"))
-        make_synthetic(tmp, seed=seed)
-        shutil.rmtree(root, ignore_errors=True)
-        os.replace(tmp, root)
-    return str(root)
 
 
 def _folds_table(prepared: PreparedData) -> list[dict[str, Any]]:
@@ -326,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.smoke_test = True
     cfg = config_from_args(args)
     if args.demo and not cfg.data.root and not args.resume:
-        set_value(cfg, "data.root", _demo_data(cfg.data.seed), where="--demo")
+        set_value(cfg, "data.root", str(demo_data(seed=cfg.data.seed)), where="--demo")
     res = run_search(cfg, space=args.space, storage_path=args.storage_path, name=args.name,
                      num_samples=args.num_samples, resume=args.resume, address=args.address,
                      num_cpus=args.num_cpus, smoke=args.smoke_test)

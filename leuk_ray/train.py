@@ -26,6 +26,7 @@ from leuk_ray.cli import common_parser, config_from_args, run_main
 from leuk_ray.config import Config, save_config, to_dict
 from leuk_ray.data import fold_datasets, prepare_data
 from leuk_ray.data.cache import image_cache
+from leuk_ray.data.synth import demo_data
 from leuk_ray.data.transforms import preprocessing_for
 from leuk_ray.engine import FoldResult, FoldRun, fit_fold, load_checkpoint, save_checkpoint
 from leuk_ray.errors import UserError
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.demo:
         if args.data:
             raise UserError("--demo and --data exclude each other: --demo trains on generated data")
-        args.data = str(_demo_data(out / "demo_data"))
+        args.data = str(demo_data(out / "demo_data"))
     cfg = config_from_args(args)
     if not cfg.data.root:
         raise UserError("no data: pass --data DIR (or --demo)")
@@ -97,14 +98,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"outputs: {out}")
     print(f"mean validation F1 over {len(results)} fold(s): {mean_f1:.4f}")
     return 0
-
-
-def _demo_data(root: Path) -> Path:
-    from leuk_ray.data.synth import make_synthetic
-    if not (root.is_dir() and any(root.iterdir())):
-        print(f"writing a synthetic demo data set to {root}", flush=True)
-        make_synthetic(root)
-    return root
 
 
 def train_fold(cfg: Config, prepared, fold: int, out: Path, *, resume: bool,

@@ -642,3 +642,16 @@ def test_cli_synth_and_help(tmp_path: Path) -> None:
     assert len(build_index(tmp_path / "demo").df) == 32
     h = run_cli("audit", "--help")
     assert h.returncode == 0 and "default: 3" in h.stdout and "--json" in h.stdout
+
+
+def test_demo_data_is_written_whole_once_and_reused(tmp_path):
+    """One --demo data set for train and search: written into a temporary folder and renamed, so
+    an interrupted first run leaves nothing a later run would take for the data set."""
+    from leuk_ray.data.synth import MARKER, demo_data
+
+    root = demo_data(tmp_path / "demo", seed=3)
+    assert (root / MARKER).is_file() and (root / "train").is_dir()
+    stamp = (root / MARKER).stat().st_mtime_ns
+    assert demo_data(tmp_path / "demo", seed=3) == root
+    assert (root / MARKER).stat().st_mtime_ns == stamp          # reused, not rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no temporary folder left

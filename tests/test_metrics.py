@@ -101,3 +101,17 @@ def test_bootstrap_ci_of_one_subject_has_no_width() -> None:
     only_all = bootstrap_ci([1, 1], [0.7, 0.2], 0.5, ["a", "b"], n_boot=20)
     assert only_all["specificity"] == {"low": None, "high": None, "n_valid": 0}
     assert only_all["auc"]["n_valid"] == 0 and only_all["sensitivity"]["n_valid"] == 20
+
+
+def test_labelled_rows_are_checked_and_kept_aligned():
+    """One helper drops unlabelled rows for metrics, calibration, the bootstrap and the report."""
+    from leuk_ray.metrics import labelled
+
+    y, p, s = labelled("x", [1, -1, 0], [0.9, 0.5, 0.2], ["a", "b", "c"])
+    assert y.tolist() == [1, 0] and p.tolist() == [0.9, 0.2] and s.tolist() == ["a", "c"]
+    with pytest.raises(ValueError, match="x: 2 labels but 3 probabilities"):
+        labelled("x", [1, 0], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="x: no labelled rows"):
+        labelled("x", [-1], [0.5])
+    with pytest.raises(ValueError, match="x: probabilities contain NaN"):
+        labelled("x", [1, 0], [0.5, float("nan")])

@@ -110,3 +110,26 @@ def make_synthetic(out_dir: str | Path, n: int = 240, size: int = 128, seed: int
             raise UserError(f"{d / name}: cannot write image")
     marker.write_text(json.dumps(params))
     return out
+
+
+def demo_data(root: str | Path | None = None, seed: int = 0) -> Path:
+    """The ``--demo`` data set of the commands: ``make_synthetic`` into ``root`` (default
+    ``<tmp>/leuk_ray_demo_<seed>``) unless it is already there, written to a temporary folder
+    first, so an interrupted run never leaves half a data set that a later one would take."""
+    import os
+    import tempfile
+
+    root = Path(root) if root is not None else \
+        Path(tempfile.gettempdir()) / f"leuk_ray_demo_{seed}"
+    if (root / MARKER).is_file():  # written by make_synthetic: reused as it is (or refreshed)
+        return make_synthetic(root, seed=seed)
+    print(f"generating the synthetic demo set in {root} ...", flush=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp", dir=root.parent))
+    try:
+        make_synthetic(tmp, seed=seed)
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
