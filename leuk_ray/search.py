@@ -173,6 +173,20 @@ def _create(files: RunFiles, cfg: Config, space: SearchSpace,
     files.push("config.yaml", "space.yaml", "folds.csv", "warnings.txt")
 
 
+def set_concurrency(tuner: tune.Tuner, n: int) -> int | None:
+    """Give a restored tuner the concurrency bound of the cluster it resumes on; returns the bound
+    it was saved with. ``Tuner.restore`` brings back the first run's ``max_concurrent_trials``
+    (in tuner.pkl), which counted another cluster's nodes when the search moved (Ray 2.60 has no
+    public setter: the tuner's TuneConfig is set before ``fit``)."""
+    internal = getattr(tuner, "_local_tuner", None)
+    tune_config = getattr(internal, "_tune_config", None)
+    if tune_config is None:  # a Ray Client tuner: keeps its own
+        return None
+    before = tune_config.max_concurrent_trials
+    tune_config.max_concurrent_trials = n
+    return before
+
+
 def _trainable(cfg: Config, prepared: PreparedData, folds_path: str) -> Any:
     fn = tune.with_parameters(trial_fn, base=cfg, prepared=prepared, folds_path=folds_path)
     # Tune reserves the trial driver only (its CPU share, memory for it and the Ray Train
@@ -244,7 +258,9 @@ def run_search(cfg: Config, *, space: str | Path | None = None, storage_path: st
         PruneAwareOptunaSearch.resume_url = study_url(cfg, files)
         tuner = tune.Tuner.restore(files.uri, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
-        print(f"resuming {files.uri}", flush=True)
+        before = set_concurrency(tuner, concurrent)
+        changed = f" (it ran {before} at once before)" if before not in (None, concurrent) else ""
+        print(f"resuming {files.uri}{changed}", flush=True)
     else:
         searcher = PruneAwareOptunaSearch(
             space=space.optuna_space(), metric=SCORE, mode="max",

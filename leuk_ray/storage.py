@@ -20,6 +20,11 @@ from leuk_ray.errors import UserError
 # refuse to start a run with less free space than this (LEUK_RAY_MIN_FREE_MB overrides)
 MIN_FREE_BYTES = 512 * 2**20
 
+# pyarrow filesystem type_name -> the URI scheme users write (and pyarrow parses): a run found
+# through Tune's filesystem must be the same run, with the same local mirror, as its URI
+URI_SCHEMES = {"gcs": "gs"}
+
+
 def is_uri(path: str) -> bool:
     return "://" in path
 
@@ -155,7 +160,8 @@ class RunFiles:
 
         if isinstance(fs, pafs.LocalFileSystem):
             return cls.from_path(fs_path)
-        run = cls.from_path(f"{fs.type_name}://{fs_path.rstrip('/')}")
+        scheme = URI_SCHEMES.get(fs.type_name, fs.type_name)
+        run = cls.from_path(f"{scheme}://{fs_path.rstrip('/')}")
         run._filesystem = (fs, fs_path.rstrip("/"))
         return run
 
