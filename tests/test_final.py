@@ -29,6 +29,13 @@ def test_final_smoke_then_predict_reproduces_metrics(ray_data, tmp_path):
                         "--num-cpus", "2"], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"artifact: {art}" in r.stdout
+    # issue 15: final's console is quiet too: its story (fold epochs, scores, outputs), no Ray,
+    # Ray Train or Tune chatter, no colour codes (the output is not a terminal)
+    out = r.stdout + r.stderr
+    for noise in ("(RayTrainWorker", "(raylet)", "PlacementGroupCleaner", "\x1b[", "INFO",
+                  "WARNING", "Traceback"):
+        assert noise not in out, (noise, out[-3000:])
+    assert "fold 0" in r.stdout and "epoch" in r.stdout  # the fold workers' story lines
 
     # a complete artifact: manifest last, every file checksummed, loadable
     manifest = read_manifest(art)
