@@ -11,6 +11,10 @@ import ray
 
 from leuk_ray import console
 from leuk_ray.errors import UserError
+# Searches started before storage and placement left this module pickled copies of leuk-ray's
+# Tune callbacks into their tuner.pkl (by value, as classes of the `python -m` module) that call
+# these through leuk_ray.cluster; kept here so that such searches still resume.
+from leuk_ray.storage import RunFiles, is_uri, resolve_storage  # noqa: F401
 
 # Ray Train starts a PreemptionWatcher actor (one more Python process, ~2 s of CPU) for every
 # worker group, to notice cloud nodes being drained. A local Ray started here is one machine that

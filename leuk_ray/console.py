@@ -20,10 +20,11 @@ COLOR_ENV = "RAY_COLOR_PREFIX"
 # its older reporter is silent at verbose=0
 TUNE_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
 QUIET_LOGGERS = ("ray", "optuna", "filelock")
-# Tune logs every failed trial's traceback at ERROR (and "Trials did not complete" at the end);
-# the story already has a line per failed trial with its reason, the traceback is in the trial's
-# error.txt in the experiment folder
-SILENT_LOGGERS = ("ray.tune",)
+# Tune logs every failed trial's traceback at ERROR (tune_controller: "Trial task failed for
+# trial ...") and "Trials did not complete" at the end (tune); the story already has a line per
+# failed trial with its reason, and the traceback is in the trial's error.txt in the experiment
+# folder. Tune's other errors (syncing, checkpoints) come from other loggers and still show.
+SILENT_LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.tune")
 
 _verbose: bool | None = None  # None: setup was not called (a library use): Ray as it comes
 

@@ -143,7 +143,10 @@ def _run_name(cfg: Config, prepared: PreparedData, weights: WeightsInfo) -> str:
     for key in RUN_ONLY_KEYS:
         section, field = key.split(".")
         kept[section].pop(field)
-    kept["weights"] = weights.to_dict()
+    w = weights.to_dict()
+    if w["source"].startswith("hub:"):  # file and sha256 are known only once it is cached: a
+        w["file"] = w["sha256"] = ""    # rerun after the first run downloaded it must resume
+    kept["weights"] = w
     h = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode())
     for r in prepared.train.itertuples():
         h.update(f"{r.path}|{r.fold}\n".encode())

@@ -173,18 +173,15 @@ def _create(files: RunFiles, cfg: Config, space: SearchSpace,
     files.push("config.yaml", "space.yaml", "folds.csv", "warnings.txt")
 
 
-def set_concurrency(tuner: tune.Tuner, n: int) -> int | None:
-    """Give a restored tuner the concurrency bound of the cluster it resumes on; returns the bound
-    it was saved with. ``Tuner.restore`` brings back the first run's ``max_concurrent_trials``
-    (in tuner.pkl), which counted another cluster's nodes when the search moved (Ray 2.60 has no
-    public setter: the tuner's TuneConfig is set before ``fit``)."""
-    internal = getattr(tuner, "_local_tuner", None)
-    tune_config = getattr(internal, "_tune_config", None)
-    if tune_config is None:  # a Ray Client tuner: keeps its own
-        return None
-    before = tune_config.max_concurrent_trials
-    tune_config.max_concurrent_trials = n
-    return before
+def restored_concurrency(tuner: tune.Tuner) -> int | None:
+    """How many trials at once a restored search runs: the bound its first run was given.
+
+    ``Tuner.restore`` brings back the TuneConfig from tuner.pkl, and Tune then restores the
+    searcher's ``ConcurrencyLimiter`` state with its ``max_concurrent``, so the first run's bound
+    holds (it is not dropped) even on a cluster of another size; Ray 2.60 offers no way to
+    change it on resume. None for a Ray Client tuner (not inspectable here)."""
+    tune_config = getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None)
+    return None if tune_config is None else tune_config.max_concurrent_trials
 
 
 def _trainable(cfg: Config, prepared: PreparedData, folds_path: str) -> Any:
@@ -206,6 +203,8 @@ class SearchResult:
     best_config: Config | None        # its full resolved config (saved as best_config.yaml)
     space_keys: list[str] = field(default_factory=list)
     dashboard: str | None = None      # Ray's dashboard URL of a local Ray started here
+    name: str = ""                    # the search's name and storage: --resume --name NAME
+    storage: str = ""                 # --storage-path STORAGE continues it
 
     @property
     def interrupted(self) -> bool:
@@ -258,9 +257,10 @@ def run_search(cfg: Config, *, space: str | Path | None = None, storage_path: st
         PruneAwareOptunaSearch.resume_url = study_url(cfg, files)
         tuner = tune.Tuner.restore(files.uri, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
-        before = set_concurrency(tuner, concurrent)
-        changed = f" (it ran {before} at once before)" if before not in (None, concurrent) else ""
-        print(f"resuming {files.uri}{changed}", flush=True)
+        kept = restored_concurrency(tuner)
+        note = (f"; it keeps the bound it started with, {kept} trials at once (this cluster "
+                f"holds {concurrent})" if kept not in (None, concurrent) else "")
+        print(f"resuming {files.uri}{note}", flush=True)
     else:
         searcher = PruneAwareOptunaSearch(
             space=space.optuna_space(), metric=SCORE, mode="max",
@@ -302,12 +302,14 @@ def run_search(cfg: Config, *, space: str | Path | None = None, storage_path: st
     for row in rows:  # every trial has stopped: no fold worker writes there any more
         if row["status"] in DROPPED_STATUSES:
             drop_fold_checkpoints(f"{files.uri}/folds", row["trial_id"])
-    result = SearchResult(files.uri, rows, num_samples, best, None, list(space.keys), dashboard)
+    result = SearchResult(files.uri, rows, num_samples, best, None, list(space.keys), dashboard,
+                          files.name, files.storage)
     if result.interrupted:
         return result
     if best is None:
         mistakes = [user_error_in(r.error) for r in results if r.error is not None]
-        if mistakes and all(mistakes):  # every trial stopped on the user's mistake: say it once
+        # every trial stopped on the user's mistake (none pruned, none failed otherwise): say it
+        if mistakes and all(mistakes) and len(mistakes) == len(rows):
             first = str(mistakes[0]).strip().splitlines()[0]
             raise UserError(f"every trial failed ({len(mistakes)}; reasons in "
                             f"{files.uri}/trials.csv), the first with: {first}")
@@ -336,10 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{len(rows)} trials: " + ", ".join(
         f"{res.count(s)} {s}" for s in ("completed", "pruned", "failed")))
     if res.interrupted:
-        storage, _, name = uri.rstrip("/").rpartition("/")
         ended = sum(r["status"] in ("completed", "pruned", "failed") for r in rows)
         print(f"search interrupted: {ended} of {res.num_samples} trials ended; continue it with: "
-              f"python -m leuk_ray.search --resume --name {name} --storage-path {storage}",
+              f"python -m leuk_ray.search --resume --name {res.name} --storage-path {res.storage}",
               flush=True)
         return 130
     if best is None:
@@ -354,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"trials:      {uri}/trials.csv")
     print(f"best config: {uri}/best_config.yaml")
     if res.dashboard:
-        print(f"dashboard:   {res.dashboard} (Jobs and Actors pages; runs as long as this Ray does)")
+        print(f"dashboard:   {res.dashboard} (Jobs and Actors pages; runs as long as this Ray "
+              "does)")
     print(f"report:      {uri}/search_report.md")
     if is_uri(uri):
         print(f"curves:      TensorBoard files in each trial folder under {uri} (copy them "

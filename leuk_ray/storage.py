@@ -30,8 +30,15 @@ def is_uri(path: str) -> bool:
 
 
 def resolve_storage(path: str) -> str:
-    """Absolute local path, or a URI (s3://, gs://, ...) unchanged."""
-    return path if is_uri(path) else str(Path(path).expanduser().resolve())
+    """Absolute local path, or a URI (s3://, gs://, ...) with its scheme as ``canonical_uri``."""
+    return canonical_uri(path) if is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def canonical_uri(uri: str) -> str:
+    """One spelling per filesystem (pyarrow reads gcs:// and gs:// alike): ``gs://``, so that one
+    run has one URI and one local mirror however it was named."""
+    scheme, sep, rest = uri.partition("://")
+    return f"{URI_SCHEMES.get(scheme, scheme)}{sep}{rest}" if sep else uri
 
 
 
@@ -138,7 +145,7 @@ class RunFiles:
     """
 
     def __init__(self, storage: str, name: str) -> None:
-        self.storage, self.name = storage.rstrip("/"), name
+        self.storage, self.name = canonical_uri(storage.rstrip("/")), name
         self.uri = f"{self.storage}/{name}"
         if is_uri(storage):
             slug = hashlib.sha256(self.uri.encode()).hexdigest()[:12]

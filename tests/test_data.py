@@ -655,3 +655,8 @@ def test_demo_data_is_written_whole_once_and_reused(tmp_path):
     assert demo_data(tmp_path / "demo", seed=3) == root
     assert (root / MARKER).stat().st_mtime_ns == stamp          # reused, not rewritten
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no temporary folder left
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="mine: exists and is not a demo data set"):
+        demo_data(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"   # never deleted

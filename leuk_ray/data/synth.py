@@ -123,6 +123,9 @@ def demo_data(root: str | Path | None = None, seed: int = 0) -> Path:
         Path(tempfile.gettempdir()) / f"leuk_ray_demo_{seed}"
     if (root / MARKER).is_file():  # written by make_synthetic: reused as it is (or refreshed)
         return make_synthetic(root, seed=seed)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise UserError(f"{root}: exists and is not a demo data set written by leuk-ray; move it "
+                        "away or choose another folder")
     print(f"generating the synthetic demo set in {root} ...", flush=True)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp", dir=root.parent))
