@@ -28,22 +28,44 @@ def run(cmd: list[str], env: dict | None = None, log: Path | None = None) -> flo
     return wall
 
 
+# The two sizes the search benchmarks run at (the flags go to both leuk_ray.search and
+# leuk_ray.train). "lite0": the realistic tier, the lite0 preset (ImageNet EfficientNet-Lite0 from
+# the offline weights package, one core and one torch thread per fold worker, so one 2-fold trial
+# at a time on 2 cores) at a smaller image size and sample than the preset's final job, no early
+# stopping (both runs then do exactly the same fold-epochs), the lite0 search space. "smoke": the
+# --smoke-test tier (tiny random-init test_efficientnet, 64 px, 240 images, 0.45 CPU per fold
+# worker, so two trials at once), kept to compare with the earlier results.
+def tier_args(tier: str, *, image_size: int, max_images: int) -> list[str]:
+    if tier == "smoke":
+        return ["--smoke-test"]
+    if tier != "lite0":
+        raise SystemExit(f"unknown tier {tier!r}: lite0 or smoke")
+    # 0.95 CPU: a 2-fold trial and its driver's 0.01 CPU fit the 2 cores (2 x 1.0 would not)
+    sets = {"data.image_size": image_size, "data.max_images": max_images, "train.patience": 0,
+            "ray.cpus_per_worker": 0.95, "search.space": "search_spaces/lite0.yaml"}
+    return ["--preset", "lite0", *[x for k, v in sets.items() for x in ("--set", f"{k}={v}")]]
+
+
 def trials(exp_dir: Path) -> list[dict]:
     with open(exp_dir / "trials.csv") as f:
         return list(csv.DictReader(f))
 
 
-def first_results(exp_dir: Path) -> list[dict]:
-    """The first reported result of every trial (Tune's result.json, one JSON line per epoch)."""
+def results(exp_dir: Path) -> list[list[dict]]:
+    """Every trial's reported results in order (Tune's result.json, one JSON line per epoch)."""
     out = []
     for p in sorted(exp_dir.glob("*/result.json")):
         if p.parent.name == "folds":
             continue
-        for line in p.read_text().splitlines():
-            if line.strip():
-                out.append(json.loads(line))
-                break
+        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        if rows:
+            out.append(rows)
     return out
+
+
+def first_results(exp_dir: Path) -> list[dict]:
+    """The first reported result of every trial."""
+    return [rows[0] for rows in results(exp_dir)]
 
 
 # Which kind of process a command line belongs to, first match wins (Ray names its worker

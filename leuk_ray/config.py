@@ -148,6 +148,11 @@ class RayConfig:
                           "autoscaling one it is a warning", choices=("auto", "true", "false"))
     shared_storage: bool = _f(False, "declare a local storage path shared by every node (an NFS/EFS "
                               "mount not recognised as one); s3:// and network mounts need not")
+    checkpoint_upload: str = _f("async", "how each epoch's fold checkpoints reach the run's storage: "
+                                "async (copied by a background thread while the next epoch trains; "
+                                "the epoch's metrics reach Tune once it is stored) or sync (every "
+                                "fold waits for the copy before it trains on)",
+                                choices=("async", "sync"))
 
 
 @dataclass

@@ -6,7 +6,9 @@ process group (gloo also works beside CUDA, where NCCL cannot gather CPU objects
 ``ray.collective_timeout_s``, which must outlast the slowest fold's epoch: a fold that stopped
 early waits there for the others), and every worker calls
 ``ray.train.report`` once (it is a barrier), attaching ``fold_<i>.pt`` so that Ray merges one
-checkpoint directory holding every fold. A restarted worker group (``FailureConfig``) or a restored
+checkpoint directory holding every fold. The fold writes its file on the training path; by
+default (``ray.checkpoint_upload=async``) Ray copies it to storage in a background thread while the
+next epoch trains, and the epoch's metrics reach Tune once the copy is stored. A restarted worker group (``FailureConfig``) or a restored
 run finds its fold's state there and continues after the last finished epoch; a run restored after
 all its folds had finished trains nothing and writes no new checkpoint.
 
@@ -30,8 +32,9 @@ from typing import Any
 
 import ray.train
 import torch.distributed as dist
-from ray.train import (Checkpoint, CheckpointConfig, ControllerError, FailureConfig, LoggingConfig,
-                       RunConfig, ScalingConfig, TrainingFailedError, WorkerGroupError)
+from ray.train import (Checkpoint, CheckpointConfig, CheckpointUploadMode, ControllerError,
+                       FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError,
+                       WorkerGroupError)
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
@@ -138,7 +141,27 @@ def _summarise(rows: list[dict[str, Any]], total_epochs: int) -> dict[str, Any]:
         out[f"fold_{i}_gpus"] = r.get("gpus", "")
         if r.get("weights"):
             out[f"fold_{i}_weights"] = r["weights"]
+        for key, value in (r.get("cost") or {}).items():
+            out[f"fold_{i}_{key}"] = value
     return out
+
+
+@dataclass
+class RoundCost:
+    """What one fold worker spent outside training and validation, summed over the rounds before
+    the one being reported (bench/search_overhead.py reads it from the trial's results): waiting
+    for and exchanging the folds' metrics, writing its checkpoint file, and ``ray.train.report``
+    (a barrier across folds; with ``ray.checkpoint_upload=sync`` also the copy to storage)."""
+    rounds: int = 0
+    gather_s: float = 0.0
+    save_s: float = 0.0
+    saved_mb: float = 0.0
+    report_s: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {"cost_rounds": self.rounds, "cost_gather_s": round(self.gather_s, 4),
+                "cost_save_s": round(self.save_s, 4), "cost_saved_mb": round(self.saved_mb, 3),
+                "cost_report_s": round(self.report_s, 4)}
 
 
 def _quiet_report_log() -> None:
@@ -291,6 +314,9 @@ def _train_fold(loop_config: dict[str, Any]) -> None:
         last = run.history[-1]
     failed = ""
     first_step = 0.0
+    cost = RoundCost()
+    upload = (CheckpointUploadMode.ASYNC if cfg.ray.checkpoint_upload == "async"
+              else CheckpointUploadMode.SYNC)
     while True:
         stepped = not run.done and not failed
         if stepped:
@@ -317,14 +343,27 @@ def _train_fold(loop_config: dict[str, Any]) -> None:
             "gpus": gpus,
             "stepped": stepped,
             "weights": _weights_of(run.model),
+            "cost": cost.to_dict(),
         }
+        t0 = time.perf_counter()
         rows = _gather(mine, k, cfg.ray.collective_timeout_s) if k > 1 else [mine]
+        cost.gather_s += time.perf_counter() - t0
         summary = _summarise(rows, cfg.train.epochs)
         if any(r["stepped"] for r in rows):
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint({**run.state_dict(best_weights=best_weights), VAL_ROWS: val_rows},
-                                Path(tmp) / fold_file(fold))
-                ray.train.report(summary, checkpoint=Checkpoint.from_directory(tmp))
+            cost.rounds += 1
+            t0 = time.perf_counter()
+            tmp = Path(tempfile.mkdtemp(prefix=f"leuk_ray_fold{fold}_"))
+            path = tmp / fold_file(fold)
+            save_checkpoint({**run.state_dict(best_weights=best_weights), VAL_ROWS: val_rows},
+                            path)
+            cost.save_s += time.perf_counter() - t0
+            cost.saved_mb += path.stat().st_size / 2**20
+            t0 = time.perf_counter()
+            # async: Ray copies the directory to storage in a background thread (one at a time,
+            # in order) and deletes it once stored; sync: the copy is made here, then deleted.
+            ray.train.report(summary, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_upload_mode=upload, delete_local_checkpoint_after_upload=True)
+            cost.report_s += time.perf_counter() - t0
         else:
             # Nothing trained this round: a run restored after it had already finished (the search
             # driver died after the trial ended but before Tune recorded it). Report the same
@@ -353,7 +392,9 @@ def make_trainer(cfg: Config, prepared: PreparedData, *, storage_path: str, name
     metrics and, with ``best_weights``, its best weights and validation probabilities (the final
     job's ensemble and calibration; a search passes False: its trials are scored on metrics and
     final retrains). Only the latest checkpoint is kept: resume reads no other, and Ray Train
-    deletes the previous one only after the new one is complete.
+    deletes the previous one only after the new one is complete. With
+    ``ray.checkpoint_upload=async`` that copy runs beside the next epoch, one at a time and in
+    order; a worker whose training function returns waits for its copies to finish.
     """
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_S)
     r = cfg.ray

@@ -168,10 +168,17 @@ def test_killed_driver_resumes_and_exploding_trial_is_pruned(ray_data, tmp_path)
 
 
 @pytest.mark.slow
-def test_finished_fold_run_restarted_trains_nothing_and_keeps_its_checkpoints(ray_data, tmp_path):
+@pytest.mark.parametrize("upload", ["async", "sync"])
+def test_finished_fold_run_restarted_trains_nothing_and_keeps_its_checkpoints(ray_data, tmp_path,
+                                                                              upload):
     """The deterministic core of "finished trials are not rerun": a fold run started again under
     the same name after it finished (what a resumed search does with a trial whose end Tune had
-    not yet recorded) trains no epoch, writes no checkpoint, and returns the same metrics."""
+    not yet recorded) trains no epoch, writes no checkpoint, and returns the same metrics. With
+    either ``ray.checkpoint_upload``, every epoch's checkpoint is stored before the run ends and
+    the fold workers' local copies are gone (at 150 MB per fold and epoch for a B3, a leak fills
+    a node's disk)."""
+    import tempfile
+
     import ray
 
     from leuk_ray.cluster import PREEMPTION_WATCHER_ENV, connect
@@ -180,8 +187,10 @@ def test_finished_fold_run_restarted_trains_nothing_and_keeps_its_checkpoints(ra
     from leuk_ray.fold_trainer import run_folds
 
     cfg = load_config(smoke=True, overrides=[f"data.root={ray_data}", "data.max_images=120",
-                                             "train.epochs=2", "train.scheduler=none"])
+                                             "train.epochs=2", "train.scheduler=none",
+                                             f"ray.checkpoint_upload={upload}"])
     prepared = prepare_data(cfg.data)
+    local_copies = set(Path(tempfile.gettempdir()).glob("leuk_ray_fold*"))
     # ray.init() sets RAY_AUTH_MODE=token in this process's environment (and connect() turns Ray
     # Train's preemption watcher off), which every Ray cluster a later test starts from this
     # process would inherit: put them back as they were
@@ -202,6 +211,9 @@ def test_finished_fold_run_restarted_trains_nothing_and_keeps_its_checkpoints(ra
     # a local instance is one machine no cloud preempts: no watcher process per worker group
     assert "TrainController" in started and "PreemptionWatcher" not in started, started
     assert first.metrics["trial_finished"] and first.metrics["epoch"] == 2
+    assert set(Path(tempfile.gettempdir()).glob("leuk_ray_fold*")) == local_copies
+    # each fold wrote a checkpoint file after each epoch (both epochs trained)
+    assert [first.metrics[f"fold_{i}_cost_rounds"] for i in (0, 1)] == [1, 1]  # before the last
     assert {c.name for c in (tmp_path / "f").glob("checkpoint_*")} == before
     # issue 14.10: a finished fold keeps in the latest checkpoint its best weights and validation
     # probabilities (what final needs), no model or optimiser to train on
