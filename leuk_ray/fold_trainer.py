@@ -7,10 +7,11 @@ process group (gloo also works beside CUDA, where NCCL cannot gather CPU objects
 early waits there for the others), and every worker calls
 ``ray.train.report`` once (it is a barrier), attaching ``fold_<i>.pt`` so that Ray merges one
 checkpoint directory holding every fold. The fold writes its file on the training path; by
-default (``ray.checkpoint_upload=async``) Ray copies it to storage in a background thread while the
-next epoch trains, and the epoch's metrics reach Tune once the copy is stored. A restarted worker group (``FailureConfig``) or a restored
-run finds its fold's state there and continues after the last finished epoch; a run restored after
-all its folds had finished trains nothing and writes no new checkpoint.
+default (``ray.checkpoint_upload=async``) Ray copies it to storage in a background thread while
+the next epoch trains, and the epoch's metrics reach Tune once the copy is stored. A restarted
+worker group (``FailureConfig``) or a restored run finds its fold's state there and continues
+after the last finished epoch; a run restored after all its folds had finished trains nothing and
+writes no new checkpoint.
 
 A fold that stops early keeps reporting its best score until every fold is done. A fold whose loss
 turns non-finite ends the run for all folds with ``pruned_reason`` set (the search marks the trial
