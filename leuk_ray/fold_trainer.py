@@ -363,7 +363,8 @@ def _train_fold(loop_config: dict[str, Any]) -> None:
             # async: Ray copies the directory to storage in a background thread (one at a time,
             # in order) and deletes it once stored; sync: the copy is made here, then deleted.
             ray.train.report(summary, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_upload_mode=upload, delete_local_checkpoint_after_upload=True)
+                             checkpoint_upload_mode=upload,
+                             delete_local_checkpoint_after_upload=True)
             cost.report_s += time.perf_counter() - t0
         else:
             # Nothing trained this round: a run restored after it had already finished (the search
