@@ -15,8 +15,8 @@ Ray Tune's own ``ASHAScheduler`` for every (grace, reduction factor) in ``--grid
 at a time, so this is what ASHA would have decided on those same trials (Optuna's later proposals
 in a real ASHA run differ, because it sees pruned trials; the real ASHA run measures that).
 
-    python bench/asha_efficiency.py [--tier lite0] [--trials 8] [--epochs 8] [--grace 2] [--rf 2]
-        [--seeds 0,1,2] [--asha-seeds 0] [--grid 1x2,2x2,1x3,...]
+    python bench/asha_efficiency.py [--tier lite0] [--trials 8] [--epochs 8] [--grace 2] [--rf 3]
+        [--seeds 0,1,2] [--asha-seeds 0] [--grid 1x2,2x2,1x3,...] [--workdir DIR]
 Last line: fold-epochs ratio ASHA / none of the real runs and the mean F1 difference.
 """
 from __future__ import annotations
@@ -37,6 +37,14 @@ def summary(rows: list[dict]) -> tuple[int, float, float]:
     done = [float(r[SCORE]) for r in rows if r["status"] == "completed" and r[SCORE]]
     every = [float(r[SCORE]) for r in rows if r[SCORE]]
     return spent, max(done, default=float("nan")), max(every, default=float("nan"))
+
+
+def ended(exp_dir: Path, n: int) -> bool:
+    """The search in ``exp_dir`` already ran: ``n`` trials, every one of them ended."""
+    if not (exp_dir / "trials.csv").exists():
+        return False
+    rows = trials(exp_dir)
+    return len(rows) >= n and all(r["status"] in ("completed", "pruned", "failed") for r in rows)
 
 
 def replay(curves: list[list[dict]], max_t: int, grace: int, rf: float) -> tuple[int, float, int]:
@@ -70,8 +78,10 @@ def main() -> None:
     ap.add_argument("--tier", default="lite0", choices=("lite0", "smoke"))
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--grace", type=int, default=2, help="ASHA grace period (epochs), real runs")
-    ap.add_argument("--rf", type=float, default=2.0, help="ASHA reduction factor, real runs")
+    ap.add_argument("--grace", type=int, default=2,
+                    help="ASHA grace period (epochs), real runs (search.grace_period's default)")
+    ap.add_argument("--rf", type=float, default=3.0,
+                    help="ASHA reduction factor, real runs (search.reduction_factor's default)")
     ap.add_argument("--grid", default="1x2,2x2,1x3,2x3,3x2,1x4",
                     help="GRACExRF pairs replayed on the unpruned curves")
     ap.add_argument("--seeds", default="0", help="Optuna seeds, comma-separated: one pair per seed")
@@ -80,13 +90,18 @@ def main() -> None:
     ap.add_argument("--asha-seeds", default=None,
                     help="seeds that also get a real ASHA search (default: every seed; the others "
                          "get the unpruned run and its replay only)")
+    ap.add_argument("--workdir", default=None,
+                    help="keep the searches in this folder (default: a new temp folder); a search "
+                         "that already ran there with every trial ended is read, not run again "
+                         "(run with the same settings: they are not checked)")
     ap.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)))
     a = ap.parse_args()
     seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
     asha_seeds = seeds if a.asha_seeds is None else [int(x) for x in a.asha_seeds.split(",")
                                                      if x.strip()]
     grid = [(int(g), float(r)) for g, r in (p.split("x") for p in a.grid.split(",") if p)]
-    tmp = Path(tempfile.mkdtemp(prefix="leuk_bench_asha_"))
+    tmp = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="leuk_bench_asha_"))
+    print(f"searches in {tmp}", flush=True)
     env = {"LEUK_RAY_CACHE_DIR": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
     size = (f"lite0 preset at {a.image_size} px, {a.max_images} images" if a.tier == "lite0"
             else "test_efficientnet at 64 px, 240 images, smoke space")
@@ -100,7 +115,8 @@ def main() -> None:
         out = {}
         for sched in ("none", "asha") if seed in asha_seeds else ("none",):
             name = f"{sched}_s{seed}"
-            wall = run([PY, "-m", "leuk_ray.search", "--data", str(DATA),
+            done = ended(tmp / "runs" / name, a.trials)
+            wall = float("nan") if done else run([PY, "-m", "leuk_ray.search", "--data", str(DATA),
                         *tier_args(a.tier, image_size=a.image_size, max_images=a.max_images),
                         "--num-samples", str(a.trials), "--storage-path", str(tmp / "runs"),
                         "--name", name, "--num-cpus", str(a.cpus),
@@ -115,7 +131,8 @@ def main() -> None:
                                for s in ("completed", "pruned", "failed"))
             print(f"seed {seed} {sched:5s}: {len(rows)} trials ({status}), {spent} fold-epochs, "
                   f"best completed mean F1 {best:.4f} (best of any trial {best_any:.4f}), "
-                  f"wall {wall:.0f}s", flush=True)
+                  + ("ran earlier, read from the work dir" if done else f"wall {wall:.0f}s"),
+                  flush=True)
             out[sched] = (spent, best)
             if sched == "none":
                 curves = results(tmp / "runs" / name)

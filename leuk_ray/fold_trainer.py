@@ -8,7 +8,8 @@ early waits there for the others), and every worker calls
 ``ray.train.report`` once (it is a barrier), attaching ``fold_<i>.pt`` so that Ray merges one
 checkpoint directory holding every fold. The fold writes its file on the training path; by
 default (``ray.checkpoint_upload=async``) Ray copies it to storage in a background thread while
-the next epoch trains, and the epoch's metrics reach Tune once the copy is stored. A restarted
+the next epoch trains, and the epoch's metrics reach Tune once the copy is stored (a copy left by
+a worker that died first is removed by the next fold worker on its node: ``staging``). A restarted
 worker group (``FailureConfig``) or a restored run finds its fold's state there and continues
 after the last finished epoch; a run restored after all its folds had finished trains nothing and
 writes no new checkpoint.
@@ -45,6 +46,7 @@ from leuk_ray.config import Config, from_dict, to_dict
 from leuk_ray.data import PreparedData
 from leuk_ray.errors import NonFiniteLossError, UserError
 from leuk_ray.placement import check_placement, worker_bundle
+from leuk_ray.staging import new_staging_dir, sweep_stale_staging
 
 SCORE = "mean_val_f1"  # mean over folds of each fold's best validation weighted F1 so far
 # Ray Train's controller checks on its workers every 2 s by default, which is also how long it
@@ -281,6 +283,7 @@ def _train_fold(loop_config: dict[str, Any]) -> None:
     gpus = ",".join(map(str, ray.get_gpu_ids()))  # Ray's ids on this node ('' without a GPU)
     _quiet_report_log()
     _check_gpu(cfg, fold)
+    sweep_stale_staging()  # local copies that stopped or lost fold workers left on this node
 
     # What reaches the driver's console (console.story): that a fold resumed or stopped, and in
     # the final job every epoch; a search prints its own line per trial epoch (SearchProgress),
@@ -353,7 +356,7 @@ def _train_fold(loop_config: dict[str, Any]) -> None:
         if any(r["stepped"] for r in rows):
             cost.rounds += 1
             t0 = time.perf_counter()
-            tmp = Path(tempfile.mkdtemp(prefix=f"leuk_ray_fold{fold}_"))
+            tmp = new_staging_dir(fold)  # swept if this process dies before it is stored
             path = tmp / fold_file(fold)
             save_checkpoint({**run.state_dict(best_weights=best_weights), VAL_ROWS: val_rows},
                             path)

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
 import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def search_cmd(data: Path, storage: Path, name: str, space: Path, *extra: str) -> list[str]:
@@ -50,3 +53,13 @@ def session_pids(session: int, pattern: str) -> list[int]:
         if pattern in cmd:
             out.append(int(d.name))
     return out
+
+
+def stage_in_a_process_that_exits(tmp: Path, fold: int = 0) -> Path:
+    """What a fold worker killed mid-upload leaves: a staged checkpoint (``leuk_ray.staging``)
+    under temp dir ``tmp`` whose owning process has exited."""
+    code = ("from leuk_ray.staging import new_staging_dir; d = new_staging_dir("
+            f"{fold}); (d / 'fold_{fold}.pt').write_bytes(b'x' * 1000); print(d)")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TMPDIR": str(tmp)},
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return Path(out.strip())

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from search_helpers import csv_rows, fold_checkpoints, search_cmd, session_pids
+from search_helpers import (csv_rows, fold_checkpoints, search_cmd, session_pids,
+                            stage_in_a_process_that_exits)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -185,12 +186,15 @@ def test_finished_fold_run_restarted_trains_nothing_and_keeps_its_checkpoints(ra
     from leuk_ray.config import load_config
     from leuk_ray.data import prepare_data
     from leuk_ray.fold_trainer import run_folds
+    from leuk_ray.staging import staging_root
 
     cfg = load_config(smoke=True, overrides=[f"data.root={ray_data}", "data.max_images=120",
                                              "train.epochs=2", "train.scheduler=none",
                                              f"ray.checkpoint_upload={upload}"])
     prepared = prepare_data(cfg.data)
-    local_copies = set(Path(tempfile.gettempdir()).glob("leuk_ray_fold*"))
+    # a copy that a fold worker killed mid-upload left on this node: the next fold worker sweeps it
+    stale = stage_in_a_process_that_exits(Path(tempfile.gettempdir()))
+    local_copies = set(staging_root().iterdir()) - {stale}
     # ray.init() sets RAY_AUTH_MODE=token in this process's environment (and connect() turns Ray
     # Train's preemption watcher off), which every Ray cluster a later test starts from this
     # process would inherit: put them back as they were
@@ -211,7 +215,8 @@ def test_finished_fold_run_restarted_trains_nothing_and_keeps_its_checkpoints(ra
     # a local instance is one machine no cloud preempts: no watcher process per worker group
     assert "TrainController" in started and "PreemptionWatcher" not in started, started
     assert first.metrics["trial_finished"] and first.metrics["epoch"] == 2
-    assert set(Path(tempfile.gettempdir()).glob("leuk_ray_fold*")) == local_copies
+    assert not stale.exists()
+    assert set(staging_root().iterdir()) <= local_copies  # the workers' copies are gone
     # each fold wrote a checkpoint file after each epoch (both epochs trained)
     assert [first.metrics[f"fold_{i}_cost_rounds"] for i in (0, 1)] == [1, 1]  # before the last
     assert {c.name for c in (tmp_path / "f").glob("checkpoint_*")} == before
