@@ -15,7 +15,7 @@ Ray Tune's own ``ASHAScheduler`` for every (grace, reduction factor) in ``--grid
 at a time, so this is what ASHA would have decided on those same trials (Optuna's later proposals
 in a real ASHA run differ, because it sees pruned trials; the real ASHA run measures that).
 
-    python bench/asha_efficiency.py [--tier lite0] [--trials 8] [--epochs 8] [--grace 2] [--rf 3]
+    python bench/asha_efficiency.py [--tier lite0] [--trials 8] [--epochs 8] [--grace 2] [--rf 2]
         [--seeds 0,1,2] [--asha-seeds 0] [--grid 1x2,2x2,1x3,...] [--workdir DIR]
 Last line: fold-epochs ratio ASHA / none of the real runs and the mean F1 difference.
 """
@@ -40,11 +40,16 @@ def summary(rows: list[dict]) -> tuple[int, float, float]:
 
 
 def ended(exp_dir: Path, n: int) -> bool:
-    """The search in ``exp_dir`` already ran: ``n`` trials, every one of them ended."""
-    if not (exp_dir / "trials.csv").exists():
+    """The search in ``exp_dir`` already ran: ``n`` trials, every one of them ended. False when
+    there is none; a search there that did not end, or had another number of trials, stops the
+    benchmark (leuk_ray.search would refuse the name)."""
+    if not exp_dir.exists():
         return False
-    rows = trials(exp_dir)
-    return len(rows) >= n and all(r["status"] in ("completed", "pruned", "failed") for r in rows)
+    rows = trials(exp_dir) if (exp_dir / "trials.csv").exists() else []
+    if len(rows) == n and all(r["status"] in ("completed", "pruned", "failed") for r in rows):
+        return True
+    raise SystemExit(f"{exp_dir} holds a search that did not end with {n} trials: delete it, or "
+                     "resume it with python -m leuk_ray.search --resume")
 
 
 def replay(curves: list[list[dict]], max_t: int, grace: int, rf: float) -> tuple[int, float, int]:
@@ -80,7 +85,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--grace", type=int, default=2,
                     help="ASHA grace period (epochs), real runs (search.grace_period's default)")
-    ap.add_argument("--rf", type=float, default=3.0,
+    ap.add_argument("--rf", type=float, default=2.0,
                     help="ASHA reduction factor, real runs (search.reduction_factor's default)")
     ap.add_argument("--grid", default="1x2,2x2,1x3,2x3,3x2,1x4",
                     help="GRACExRF pairs replayed on the unpruned curves")

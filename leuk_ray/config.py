@@ -164,9 +164,7 @@ class SearchConfig:
     scheduler: str = _f("asha", "asha (prune weak trials early) or none", choices=("asha", "none"))
     grace_period: int = _f(2, "ASHA: epochs every trial gets before it can be pruned",
                            range=(1, 10000))
-    # 3, not Tune's 2: on lite0 curves over 3 seeds it spent fewer fold-epochs for the same best
-    # F1 (bench/RESULTS.md, 2026-12-07)
-    reduction_factor: float = _f(3.0, "ASHA: keep 1/reduction_factor at each rung",
+    reduction_factor: float = _f(2.0, "ASHA: keep 1/reduction_factor at each rung",
                                  range=(1.0, 100.0), open=(1.0,))
     storage_path: str = _f("~/leuk_ray_results", "where searches are kept (local dir, NFS or s3://)")
     name: str = _f("", "search name (default: search-<date>-<time>)")

@@ -37,7 +37,6 @@ from leuk_ray.placement import driver_bundle, max_concurrent_trials
 from leuk_ray.results import (DROPPED_STATUSES, SearchProgress, best_row, drop_fold_checkpoints,
                               result_row)
 from leuk_ray.search_space import SearchSpace, apply_params, load_space
-from leuk_ray.staging import sweep_stale_staging
 from leuk_ray.storage import RunFiles, check_shared_storage, check_storage, is_uri, resolve_storage
 from leuk_ray.study import (STUDY_FILE, PruneAwareOptunaSearch, make_sampler, open_storage,
                             study_url, write_optuna_trials)
@@ -291,7 +290,6 @@ def run_search(cfg: Config, *, space: str | Path | None = None, storage_path: st
     # SearchProgress, which keeps trials.csv current); they find the experiment at run time. The
     # summary and the best config come from Tune's typed results
     results = tuner.fit()
-    sweep_stale_staging()  # this node's copies of the last stopped trials' checkpoints
     files.pull(PRUNED_FILE)
     pruned = read_pruned(exp_dir)
     rows = [result_row(r, space.keys, pruned) for r in results]

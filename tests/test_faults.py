@@ -176,7 +176,7 @@ def test_finished_fold_run_restarted_trains_nothing_and_keeps_its_checkpoints(ra
     the same name after it finished (what a resumed search does with a trial whose end Tune had
     not yet recorded) trains no epoch, writes no checkpoint, and returns the same metrics. With
     either ``ray.checkpoint_upload``, every epoch's checkpoint is stored before the run ends and
-    the fold workers' local copies are gone (at 150 MB per fold and epoch for a B3, a leak fills
+    the fold workers' local copies are gone (at ~128 MiB per fold and epoch for a B3, a leak fills
     a node's disk)."""
     import tempfile
 
