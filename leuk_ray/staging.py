@@ -45,20 +45,30 @@ def _host() -> str:
     return (socket.gethostname() or "host").replace("_", "-") + ns
 
 
+def _owned(root: Path) -> bool:
+    """``root`` is a directory of this user, not a symlink (raises OSError when it is missing)."""
+    st = root.lstat()
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+
+
+_warned: set[Path] = set()  # folders already warned about (once per process, not every epoch)
+
+
 def _own_root() -> Path | None:
     """The staging folder, made if needed; None when it is not a directory this user owns (a
     symlink or another user's folder under that name): then nothing is staged or swept there."""
     root = staging_root()
     try:
         root.mkdir(mode=0o700, exist_ok=True)
-        st = root.lstat()
+        if _owned(root):
+            return root
+        why = "not a folder of this user"
     except OSError as e:
-        log.warning("cannot use %s for fold checkpoints (%s): using the temp dir", root, e)
-        return None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        log.warning("%s is not a folder of this user: fold checkpoints go to the temp dir", root)
-        return None
-    return root
+        why = str(e)
+    if root not in _warned:
+        _warned.add(root)
+        log.warning("cannot keep fold checkpoints in %s (%s): using the temp dir", root, why)
+    return None
 
 
 def new_staging_dir(fold: int) -> Path:
@@ -89,8 +99,7 @@ def sweep_stale_staging() -> list[Path]:
     removed: list[Path] = []
     root = staging_root()
     try:
-        st = root.lstat()
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        if not _owned(root):
             return removed
         entries = list(root.iterdir())
     except OSError:  # no staging folder yet
