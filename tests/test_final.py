@@ -136,17 +136,31 @@ def test_final_preset_compared_with_a_search_on_the_same_folds(ray_data, tmp_pat
 
 
 @pytest.mark.slow
-def test_run_final_is_a_python_api_with_typed_results(ray_data, tmp_path):
-    """Issue 14 (shape): the final job callable from a notebook, returning what it measured and
-    the calibration predict applies, typed; a mistake raises before Ray starts."""
+def test_run_final_is_a_python_api_from_a_weights_file_with_a_corrupt_png(synth_root, tmp_path):
+    """One final run, three checks (each a final of its own before; CI time):
+    - issue 14 (shape): the final job callable from a notebook, returning what it measured and
+      the calibration predict applies, typed; a mistake raises before Ray starts;
+    - weights: started from a local weights file, the manifest names the file and its sha256, at
+      the top and for every fold (as reported by the fold workers);
+    - issue 13.4: one image that does not decode (within data.max_bad_fraction): final trains,
+      calibrates on the rows the folds validated on and writes the artifact."""
     import ray
+    import timm
+    import torch
+    from safetensors.torch import save_file
 
     from leuk_ray.config import load_config
     from leuk_ray.errors import UserError
     from leuk_ray.final import FinalResult, run_final
+    from leuk_ray.weights import sha256_file
 
-    cfg = load_config(None, [f"data.root={ray_data}", "train.epochs=1", "final.tta=false"],
-                      smoke=True)
+    bad = _corrupt_png(synth_root / "train" / "all" / "UID_101_99_1_all.png")
+    weights = tmp_path / "w.safetensors"
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_efficientnet").state_dict()
+               .items()}, str(weights), metadata={"architecture": "test_efficientnet"})
+    cfg = load_config(None, [f"data.root={synth_root}", "train.epochs=1", "final.tta=false",
+                             f"model.pretrained_path={weights}", "data.image_size=32"], smoke=True)
     out = tmp_path / "art"
     try:
         res = run_final(cfg, str(out), num_cpus=2, smoke=True)
@@ -154,10 +168,24 @@ def test_run_final_is_a_python_api_with_typed_results(ray_data, tmp_path):
         ray.shutdown()
     assert isinstance(res, FinalResult) and res.uri == str(out)
     assert isinstance(res.calibration, Calibration) and res.tta_calibration is None
-    assert res.threshold == res.metrics["threshold"] == read_manifest(out)["threshold"]
+    manifest = read_manifest(out)
+    assert res.threshold == res.metrics["threshold"] == manifest["threshold"]
     assert {"oof", "test", "folds", "model"} <= set(res.metrics)
     with pytest.raises(UserError, match="already holds an ensemble artifact"):
         run_final(cfg, str(out))  # refused before data and Ray
+
+    want = {"architecture": "test_efficientnet", "source": "file", "file": "w.safetensors",
+            "sha256": sha256_file(weights)}
+    assert manifest["weights"] == want
+    assert [f["weights"] for f in manifest["folds"]] == [want] * len(manifest["folds"])
+
+    with (out / "oof.csv").open() as f:
+        oof = list(csv.DictReader(f))
+    assert str(bad) not in {row["path"] for row in oof}
+    n_train = len(list((synth_root / "train").rglob("*.bmp")))
+    assert len(oof) == n_train
+    assert manifest["model"]["train_images"] == n_train
+    assert len(manifest["calibration"]["plain"]["temperatures"]) == 2
 
 
 # ------------------------------------------------------------------ fast checks (no Ray started)
@@ -303,27 +331,6 @@ def _corrupt_png(path: Path) -> Path:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + rng.integers(0, 256, 3000, dtype=np.uint8).tobytes()
                      + b"\x00\x00\x00\x00IEND\xaeB`\x82")
     return path
-
-
-@pytest.mark.slow
-def test_final_completes_with_a_corrupt_png_in_the_data(synth_root, tmp_path):
-    """Issue 13.4, end to end: one image that does not decode (within data.max_bad_fraction)
-    -> final trains, calibrates on the rows the folds validated on and writes the artifact."""
-    bad = _corrupt_png(synth_root / "train" / "all" / "UID_101_99_1_all.png")
-    art = tmp_path / "artifact"
-    r = subprocess.run([sys.executable, "-m", "leuk_ray.final", "--smoke-test", "--data",
-                        str(synth_root), "--out", str(art), "--set", "train.epochs=2",
-                        "--num-cpus", "2"], capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    manifest = read_manifest(art)
-    with (art / "oof.csv").open() as f:
-        oof = list(csv.DictReader(f))
-    assert str(bad) not in {row["path"] for row in oof}
-    n_train = len(list((synth_root / "train").rglob("*.bmp")))
-    assert len(oof) == n_train
-    assert manifest["model"]["train_images"] == n_train
-    assert len(manifest["calibration"]["plain"]["temperatures"]) == 2
-
 
 
 @pytest.mark.slow

@@ -260,24 +260,5 @@ def test_manifest_records_the_weights_of_the_artifact_and_of_each_fold(tmp_path)
     assert len(load_artifact(out).models) == 2  # the new entries do not disturb loading
 
 
-@pytest.mark.slow
-def test_final_records_the_weights_each_fold_worker_loaded(synth_root, tmp_path):
-    """A whole final run from a local weights file: the manifest names the file and its sha256,
-    at the top and for every fold (as reported by the fold workers)."""
-    from leuk_ray.artifact import read_manifest
-    from leuk_ray.weights import sha256_file
-
-    weights = tmp_path / "w.safetensors"
-    save_file(_random_state("test_efficientnet"), str(weights),
-              metadata={"architecture": "test_efficientnet"})
-    r = subprocess.run([sys.executable, "-m", "leuk_ray.final", "--smoke-test", "--data",
-                        str(synth_root), "--out", str(tmp_path / "ens"), "--no-tta",
-                        "--set", f"model.pretrained_path={weights}", "--set", "train.epochs=1",
-                        "--set", "data.image_size=32", "--num-cpus", "2"],
-                       capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    m = read_manifest(tmp_path / "ens")
-    want = {"architecture": "test_efficientnet", "source": "file", "file": "w.safetensors",
-            "sha256": sha256_file(weights)}
-    assert m["weights"] == want
-    assert [f["weights"] for f in m["folds"]] == [want] * len(m["folds"])
+# A whole final run from a local weights file (its manifest names the file and sha256 for every
+# fold): test_run_final_is_a_python_api_from_a_weights_file_with_a_corrupt_png in test_final.py
