@@ -79,7 +79,8 @@ def replay(curves: list[list[dict]], max_t: int, grace: int, rf: float) -> tuple
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--tier", default="lite0", choices=("lite0", "smoke"))
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=8)

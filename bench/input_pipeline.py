@@ -52,7 +52,8 @@ def rates(fns: dict, n: int, passes: int) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cnmc"))
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--size", type=int, default=300)

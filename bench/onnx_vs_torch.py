@@ -41,7 +41,8 @@ def best_rate(fn, images: np.ndarray, batch: int, repeats: int) -> tuple[float, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--threads", type=int, default=2)

@@ -24,7 +24,8 @@ def fmt(v: float | None) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", default=None, help="where both artifacts go (default: a temp dir)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="extra config override applied to BOTH runs")

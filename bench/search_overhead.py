@@ -109,7 +109,8 @@ def show(s: dict, a, bare_round: float) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--tier", default="lite0", choices=("lite0", "smoke"))
     ap.add_argument("--trials", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=5)

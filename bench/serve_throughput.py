@@ -75,7 +75,8 @@ def serve_pass(url: str, files: list[tuple[str, bytes]], clients: int, per_reque
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--max-batch", default="1,8,32", help="serve settings to measure")
     ap.add_argument("--predict-batch", type=int, default=64)
