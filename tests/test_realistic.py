@@ -23,7 +23,9 @@ pytestmark = pytest.mark.slow
 # All 1,200 training cells, 2 subject-grouped folds (fold 0: 605 train, 595 validation), 128 px,
 # 3 epochs: ~2 min per model on 2 cores (an epoch ~33 s: 26 s training, 7 s validating; the first
 # also decodes the PNGs, ~3 s). Measured 2026-12-07 (CPU): best validation AUC pretrained 0.715,
-# scratch 0.623 (2026-11-28: 0.765 and 0.672, per epoch 0.584/0.640/0.765 vs 0.548/0.569/0.672).
+# scratch 0.623; pretrained per epoch 0.715/0.633/0.712. 2026-11-28 gave 0.765 and 0.672 (per epoch
+# 0.584/0.640/0.765 vs 0.548/0.569/0.672); that day's code (90592b5) gives today's numbers here, so
+# the change is the environment, not leuk-ray.
 SIZES = ["data.max_images=0", "data.image_size=128", "train.epochs=3", "train.patience=3",
          "train.threads=2", "data.augment=light", "train.batch_size=32"]
 
