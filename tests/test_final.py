@@ -145,9 +145,8 @@ def test_run_final_is_a_python_api_from_a_weights_file_with_a_corrupt_png(synth_
     - issue 13.4: one image that does not decode (within data.max_bad_fraction): final trains,
       calibrates on the rows the folds validated on and writes the artifact."""
     import ray
-    import timm
-    import torch
     from safetensors.torch import save_file
+    from test_weights import _random_state
 
     from leuk_ray.config import load_config
     from leuk_ray.errors import UserError
@@ -156,9 +155,8 @@ def test_run_final_is_a_python_api_from_a_weights_file_with_a_corrupt_png(synth_
 
     bad = _corrupt_png(synth_root / "train" / "all" / "UID_101_99_1_all.png")
     weights = tmp_path / "w.safetensors"
-    torch.manual_seed(0)
-    save_file({k: v.contiguous() for k, v in timm.create_model("test_efficientnet").state_dict()
-               .items()}, str(weights), metadata={"architecture": "test_efficientnet"})
+    save_file(_random_state("test_efficientnet"), str(weights),
+              metadata={"architecture": "test_efficientnet"})
     cfg = load_config(None, [f"data.root={synth_root}", "train.epochs=1", "final.tta=false",
                              f"model.pretrained_path={weights}", "data.image_size=32"], smoke=True)
     out = tmp_path / "art"
