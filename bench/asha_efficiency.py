@@ -52,15 +52,40 @@ def ended(exp_dir: Path, n: int) -> bool:
                      "resume it with python -m leuk_ray.search --resume")
 
 
-def replay(curves: list[list[dict]], max_t: int, grace: int, rf: float) -> tuple[int, float, int]:
+# what ASHA may rank trials by at its rungs (the trial is always scored by SCORE): key -> what it is
+PRUNE_ON = {
+    "f1": "mean over folds of each fold's best validation F1 so far (the search's score)",
+    "auc": "mean over folds of each fold's best validation ROC-AUC so far",
+    "auc_last": "this epoch's validation ROC-AUC, mean over folds",
+}
+
+
+def _with_prune_keys(reports: list[dict]) -> list[dict]:
+    """Each report with the PRUNE_ON keys added (an undefined AUC counts as chance, 0.5)."""
+    out, best = [], {}
+    for r in reports:
+        k = int(r["folds"])
+        aucs = [r.get(f"fold_{i}_val_auc_last") for i in range(k)]
+        aucs = [0.5 if a is None or a != a else float(a) for a in aucs]
+        for i, a in enumerate(aucs):
+            best[i] = max(best.get(i, 0.0), a)
+        out.append({**r, "f1": r[SCORE], "auc": sum(best.values()) / k,
+                    "auc_last": sum(aucs) / k})
+    return out
+
+
+def replay(curves: list[list[dict]], max_t: int, grace: int, rf: float,
+           prune_on: str = "f1") -> tuple[int, float, int]:
     """Ray Tune's ASHAScheduler (as leuk-ray's search builds it) decided on these curves, one trial
-    after another: (fold-epochs spent, best completed mean F1, trials completed)."""
+    after another, ranking at its rungs by ``prune_on`` (a PRUNE_ON key): (fold-epochs spent, best
+    completed mean F1, trials completed)."""
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    sched = ASHAScheduler(time_attr="epoch", metric=SCORE, mode="max", max_t=max_t,
+    sched = ASHAScheduler(time_attr="epoch", metric=prune_on, mode="max", max_t=max_t,
                           grace_period=min(grace, max_t), reduction_factor=rf)
     spent, best, completed = 0, float("-inf"), 0
     for i, reports in enumerate(curves):
+        reports = _with_prune_keys(reports)
         trial = SimpleNamespace(trial_id=f"t{i}")
         sched.on_trial_add(None, trial)
         folds = int(reports[0]["folds"])
@@ -90,6 +115,9 @@ def main() -> None:
                     help="ASHA reduction factor, real runs (search.reduction_factor's default)")
     ap.add_argument("--grid", default="1x2,2x2,1x3,2x3,3x2,1x4",
                     help="GRACExRF pairs replayed on the unpruned curves")
+    ap.add_argument("--prune-on", default="f1",
+                    help="what the replays rank trials by at ASHA's rungs, comma-separated: "
+                         + "; ".join(f"{k}: {v}" for k, v in PRUNE_ON.items()))
     ap.add_argument("--seeds", default="0", help="Optuna seeds, comma-separated: one pair per seed")
     ap.add_argument("--image-size", type=int, default=128, help="lite0 tier only")
     ap.add_argument("--max-images", type=int, default=500, help="lite0 tier only")
@@ -105,7 +133,11 @@ def main() -> None:
     seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
     asha_seeds = seeds if a.asha_seeds is None else [int(x) for x in a.asha_seeds.split(",")
                                                      if x.strip()]
-    grid = [(int(g), float(r)) for g, r in (p.split("x") for p in a.grid.split(",") if p)]
+    pairs = [(int(g), float(r)) for g, r in (p.split("x") for p in a.grid.split(",") if p)]
+    prune_on = [x.strip() for x in a.prune_on.split(",") if x.strip()]
+    if unknown := [x for x in prune_on if x not in PRUNE_ON]:
+        ap.error(f"--prune-on {','.join(unknown)}: use {', '.join(PRUNE_ON)}")
+    grid = [(g, rf, p) for p in prune_on for g, rf in pairs]
     tmp = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="leuk_bench_asha_"))
     print(f"searches in {tmp}", flush=True)
     env = {"LEUK_RAY_CACHE_DIR": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
@@ -116,7 +148,8 @@ def main() -> None:
           f"{a.rf:g} (seeds {asha_seeds}); Optuna seeds {seeds}", flush=True)
     spent_tot = {"asha": 0, "none": 0}
     diffs = []
-    replays: dict[tuple[int, float], list[tuple[int, int, float, float]]] = {g: [] for g in grid}
+    replays: dict[tuple[int, float, str], list[tuple[int, int, float, float]]] = {
+        g: [] for g in grid}
     for seed in seeds:
         out = {}
         for sched in ("none", "asha") if seed in asha_seeds else ("none",):
@@ -143,10 +176,11 @@ def main() -> None:
             if sched == "none":
                 curves = results(tmp / "runs" / name)
                 curves.sort(key=lambda c: c[0]["report_ts"] - c[0]["time_total_s"])  # run order
-                for g, rf in grid:
-                    s_r, b_r, n_r = replay(curves, a.epochs, g, rf)
-                    replays[(g, rf)].append((s_r, spent, b_r, best))
-                    print(f"  replay grace {g} rf {rf:g}: {s_r / spent:.2f} of the fold-epochs "
+                for g, rf, p in grid:
+                    s_r, b_r, n_r = replay(curves, a.epochs, g, rf, p)
+                    replays[(g, rf, p)].append((s_r, spent, b_r, best))
+                    print(f"  replay grace {g} rf {rf:g} on {p}: {s_r / spent:.2f} of the "
+                          "fold-epochs "
                           f"({s_r} / {spent}), {n_r} completed, best F1 {b_r:.4f} "
                           f"({b_r - best:+.4f})", flush=True)
         if "asha" in out:
@@ -158,10 +192,10 @@ def main() -> None:
                   f"ASHA - none {fa - fn:+.4f}", flush=True)
     print(f"replayed on the unpruned curves, over {len(seeds)} seed(s) (fold-epochs ratio, mean "
           f"best-F1 difference, worst):")
-    for (g, rf), xs in replays.items():
+    for (g, rf, p), xs in replays.items():
         ratio = sum(x[0] for x in xs) / sum(x[1] for x in xs)
         d = [x[2] - x[3] for x in xs]
-        print(f"  grace {g} rf {rf:g}: {ratio:.2f}, {sum(d) / len(d):+.4f}, {min(d):+.4f}")
+        print(f"  grace {g} rf {rf:g} on {p}: {ratio:.2f}, {sum(d) / len(d):+.4f}, {min(d):+.4f}")
     if diffs:
         sa, sn = spent_tot["asha"], spent_tot["none"]
         print(f"ASHA/none fold-epochs ratio: {sa / sn:.2f} ({sa} / {sn}); best F1 ASHA - none: "

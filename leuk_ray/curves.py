@@ -5,9 +5,10 @@ timers, node ids as they come. ``CurvesLogger`` takes its place (Tune adds its o
 ``TBXLoggerCallback`` is given) and writes, per trial, at the absolute epoch (a restored trial
 continues its curves instead of starting at step 1 again):
 
-    fold_<i>/train_loss, fold_<i>/val_loss, fold_<i>/val_f1, fold_<i>/lr    each fold's epoch
+    fold_<i>/train_loss, fold_<i>/val_loss, fold_<i>/val_f1, fold_<i>/val_auc, fold_<i>/lr
+                       each fold's epoch (a NaN, e.g. AUC on a one-class validation, is left out)
     mean/val_f1_best   the trial's score (mean over folds of each fold's best F1 so far)
-    mean/val_f1, mean/val_loss                                               this epoch's means
+    mean/val_f1, mean/val_loss, mean/val_auc                                 this epoch's means
 
 and at a trial's end its searched parameters with its score (TensorBoard's HPARAMS tab). View
 them with ``tensorboard --logdir SEARCH_DIR`` (``pip install -e ".[tensorboard]"``).
@@ -22,14 +23,15 @@ from ray.tune.logger import TBXLoggerCallback
 from leuk_ray.fold_trainer import SCORE
 
 FOLD_CURVES = {"train_loss": "train_loss", "val_loss": "val_loss", "val_f1_last": "val_f1",
-               "lr": "lr"}  # report key suffix -> tag under fold_<i>/
+               "val_auc_last": "val_auc", "lr": "lr"}  # report key suffix -> tag under fold_<i>/
 
 
 def curves(result: dict[str, Any]) -> dict[str, float]:
     """The training curves in one trial report: tag -> value (finite numbers only)."""
     out: dict[str, Any] = {"mean/val_f1_best": result.get(SCORE),
                            "mean/val_f1": result.get("mean_val_f1_last"),
-                           "mean/val_loss": result.get("mean_val_loss")}
+                           "mean/val_loss": result.get("mean_val_loss"),
+                           "mean/val_auc": result.get("mean_val_auc_last")}
     for i in range(int(result.get("folds") or 0)):
         for key, tag in FOLD_CURVES.items():
             out[f"fold_{i}/{tag}"] = result.get(f"fold_{i}_{key}")

@@ -109,6 +109,11 @@ class FoldOutcome:
     fold_weights: list[dict[str, str]] = field(default_factory=list)
 
 
+def _auc(row: dict[str, Any]) -> float:
+    auc = row.get("val_auc")
+    return float("nan") if auc is None else float(auc)
+
+
 def _summarise(rows: list[dict[str, Any]], total_epochs: int) -> dict[str, Any]:
     """Rank 0's report: per-fold values plus the means the search scores on."""
     rows = sorted(rows, key=lambda r: r["fold"])
@@ -120,6 +125,9 @@ def _summarise(rows: list[dict[str, Any]], total_epochs: int) -> dict[str, Any]:
         SCORE: sum(r["best_val_f1"] for r in rows) / k,
         "mean_val_f1_last": sum(r["val_f1"] for r in rows) / k,
         "mean_val_loss": sum(r["val_loss"] for r in rows) / k,
+        # this epoch's ROC-AUC, mean over folds (NaN while a fold's validation has one class):
+        # threshold-free, so it ranks trials whose F1 is still at one class's level
+        "mean_val_auc_last": sum(_auc(r) for r in rows) / k,
         "folds_done": sum(r["done"] for r in rows),
         "trial_finished": all(r["done"] for r in rows)
         and not any(r["failed"] or r.get("user_error") for r in rows),
@@ -136,6 +144,7 @@ def _summarise(rows: list[dict[str, Any]], total_epochs: int) -> dict[str, Any]:
         out[f"fold_{i}_val_f1"] = r["best_val_f1"]
         out[f"fold_{i}_val_f1_last"] = r["val_f1"]
         out[f"fold_{i}_val_loss"] = r["val_loss"]
+        out[f"fold_{i}_val_auc_last"] = _auc(r)
         out[f"fold_{i}_train_loss"] = r.get("train_loss", float("nan"))
         out[f"fold_{i}_lr"] = r.get("lr", float("nan"))
         out[f"fold_{i}_epoch"] = r["epoch"]
@@ -335,6 +344,7 @@ def _train_fold(loop_config: dict[str, Any]) -> None:
             "epoch": run.epoch,
             "val_f1": float(last.get("val_f1", 0.0)),
             "val_loss": float(last.get("val_loss", float("nan"))),
+            "val_auc": last.get("val_auc"),
             "train_loss": float(last.get("train_loss", float("nan"))),
             "lr": float(last.get("lr", float("nan"))),
             "best_val_f1": float(run.best_val_f1 or 0.0),

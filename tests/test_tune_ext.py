@@ -422,14 +422,16 @@ def test_tensorboard_curves_are_the_training_curves_only():
     node ids, timers); CurvesLogger writes per-fold losses, F1 and learning rate and the means."""
     from leuk_ray.curves import CurvesLogger, curves
 
-    result = {**_result(3, 0.7), "mean_val_f1_last": 0.65, "mean_val_loss": 0.4, "timestamp": 1e9,
+    result = {**_result(3, 0.7), "mean_val_f1_last": 0.65, "mean_val_loss": 0.4,
+              "mean_val_auc_last": 0.8, "fold_0_val_auc_last": 0.75, "timestamp": 1e9,
               "report_ts": 1.7e9, "fold_0_node": "abc", "time_this_iter_s": 2.0,
               "fold_0_train_loss": 0.5, "fold_0_val_loss": 0.45, "fold_0_val_f1_last": 0.6,
               "fold_0_lr": 1e-3, "fold_1_train_loss": 0.55, "fold_1_val_loss": float("nan"),
               "fold_1_val_f1_last": 0.7, "fold_1_lr": 1e-3, "trial_finished": True}
     tags = curves(result)
     assert tags == {"mean/val_f1_best": 0.7, "mean/val_f1": 0.65, "mean/val_loss": 0.4,
-                    "fold_0/train_loss": 0.5, "fold_0/val_loss": 0.45, "fold_0/val_f1": 0.6,
+                    "mean/val_auc": 0.8, "fold_0/val_auc": 0.75, "fold_0/train_loss": 0.5,
+                    "fold_0/val_loss": 0.45, "fold_0/val_f1": 0.6,
                     "fold_0/lr": 1e-3, "fold_1/train_loss": 0.55, "fold_1/val_f1": 0.7,
                     "fold_1/lr": 1e-3}  # a NaN is left out, not written
     from ray.tune.logger import TBXLoggerCallback
