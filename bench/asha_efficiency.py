@@ -22,6 +22,7 @@ Last line: fold-epochs ratio ASHA / none of the real runs and the mean F1 differ
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -66,7 +67,7 @@ def _with_prune_keys(reports: list[dict]) -> list[dict]:
     for r in reports:
         k = int(r["folds"])
         aucs = [r.get(f"fold_{i}_val_auc_last") for i in range(k)]
-        aucs = [0.5 if a is None or a != a else float(a) for a in aucs]
+        aucs = [0.5 if a is None or math.isnan(a) else float(a) for a in aucs]
         for i, a in enumerate(aucs):
             best[i] = max(best.get(i, 0.0), a)
         out.append({**r, "f1": r[SCORE], "auc": sum(best.values()) / k,

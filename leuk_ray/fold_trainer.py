@@ -125,8 +125,8 @@ def _summarise(rows: list[dict[str, Any]], total_epochs: int) -> dict[str, Any]:
         SCORE: sum(r["best_val_f1"] for r in rows) / k,
         "mean_val_f1_last": sum(r["val_f1"] for r in rows) / k,
         "mean_val_loss": sum(r["val_loss"] for r in rows) / k,
-        # this epoch's ROC-AUC, mean over folds (NaN while a fold's validation has one class):
-        # threshold-free, so it ranks trials whose F1 is still at one class's level
+        # this epoch's ROC-AUC, mean over folds (NaN while a fold's validation has one class); a
+        # curve to follow, not what ASHA ranks by (bench/RESULTS.md: pruning on it lost more F1)
         "mean_val_auc_last": sum(_auc(r) for r in rows) / k,
         "folds_done": sum(r["done"] for r in rows),
         "trial_finished": all(r["done"] for r in rows)

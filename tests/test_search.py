@@ -89,8 +89,8 @@ def check_dashboard(exp: Path, n_trials: int) -> None:
 def check_tensorboard(exp: Path, rows: list[dict]) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    expected = {f"fold_{i}/{c}" for i in (0, 1) for c in ("train_loss", "val_loss", "val_f1", "val_auc",
-                                                     "lr")}
+    curves = ("train_loss", "val_loss", "val_f1", "val_auc", "lr")
+    expected = {f"fold_{i}/{c}" for i in (0, 1) for c in curves}
     expected |= {"mean/val_f1_best", "mean/val_f1", "mean/val_loss", "mean/val_auc"}
     for row in rows:
         (trial_dir,) = [d for d in exp.glob(f"trial_fn_{row['trial_id']}_*") if d.is_dir()]

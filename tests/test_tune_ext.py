@@ -419,7 +419,8 @@ def test_run_files_from_tune_storage(tmp_path):
 
 def test_tensorboard_curves_are_the_training_curves_only():
     """Issue 15: Tune's default TensorBoard logger wrote every number of a report (timestamps,
-    node ids, timers); CurvesLogger writes per-fold losses, F1 and learning rate and the means."""
+    node ids, timers); CurvesLogger writes per-fold losses, F1, AUC and learning rate, and the
+    means."""
     from leuk_ray.curves import CurvesLogger, curves
 
     result = {**_result(3, 0.7), "mean_val_f1_last": 0.65, "mean_val_loss": 0.4,
